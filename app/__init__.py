@@ -1,0 +1,1 @@
+"""Stella agent dispatch: the web service and the services behind it."""

@@ -1,0 +1,1 @@
+"""Agents: registration, the fleet listing, updates, deletion and heartbeats."""

@@ -1,0 +1,116 @@
+"""The agent endpoints of the seed: register, list, get, update, delete, heartbeat."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from app.agents import service
+from app.agents.schemas import (
+    AgentDeleted,
+    AgentDetail,
+    AgentPublic,
+    AgentRegister,
+    AgentRegistered,
+    AgentStatus,
+    AgentUpdate,
+    Heartbeat,
+    HeartbeatAnswer,
+)
+from app.api.deps import (
+    AdminDep,
+    OperatorOrSelfDep,
+    RegistrationTokenDep,
+    RuntimeDep,
+    SelfAgentDep,
+    SessionDep,
+)
+from app.api.problems import problems
+from app.errors import InvalidInput, Unauthorized
+from app.pagination import DEFAULT_LIMIT, MAX_LIMIT
+
+router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
+AgentIdPath = Annotated[uuid.UUID, Path(alias="id")]
+
+
+@router.post("/register", status_code=201, responses=problems(401, 409, 422))
+def register_agent(
+    body: AgentRegister, session: SessionDep, runtime: RuntimeDep, token: RegistrationTokenDep
+) -> AgentRegistered:
+    """Register with a single-use token; get a JWT and a client certificate."""
+    if not token:
+        raise Unauthorized("registration token required (X-Agent-Token)")
+    return service.register(session=session, runtime=runtime, token=token, request=body)
+
+
+@router.get("", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 422))
+def list_agents(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    status: AgentStatus | None = None,
+    capability: str | None = None,
+    label: Annotated[list[str] | None, Query(description="key=value; repeat to require several")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> list[AgentPublic]:
+    """The fleet by name; the next page's URL is in the `Link` header (rel="next")."""
+    agents, next_cursor = service.list_public(
+        session=session,
+        status=status,
+        capability=capability,
+        labels=_parse_labels(label or []),
+        limit=limit,
+        cursor=cursor,
+    )
+    if next_cursor is not None:
+        next_url = request.url.include_query_params(cursor=next_cursor)
+        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    return agents
+
+
+@router.get(
+    "/{id}", dependencies=[OperatorOrSelfDep], responses=problems(401, 403, 404, 422)
+)
+def get_agent(agent_id: AgentIdPath, session: SessionDep) -> AgentDetail:
+    """One agent in full (operators, or the agent itself)."""
+    return service.detail(session=session, agent_id=agent_id)
+
+
+@router.put("/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 409, 422))
+def update_agent(agent_id: AgentIdPath, body: AgentUpdate, session: SessionDep) -> AgentDetail:
+    """Change an agent's labels, capabilities or name."""
+    return service.update(session=session, agent_id=agent_id, changes=body)
+
+
+@router.delete("/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 422))
+def delete_agent(agent_id: AgentIdPath, session: SessionDep, runtime: RuntimeDep) -> AgentDeleted:
+    """Revoke the agent's credentials and remove its registration."""
+    service.delete_agent(session=session, runtime=runtime, agent_id=agent_id)
+    return AgentDeleted()
+
+
+@router.post("/{id}/heartbeat", responses=problems(401, 403, 422))
+def heartbeat(
+    body: Heartbeat, caller: SelfAgentDep, session: SessionDep, runtime: RuntimeDep
+) -> HeartbeatAnswer:
+    """Report liveness; the answer carries pending tasks and, near expiry, a new certificate."""
+    return service.heartbeat(
+        session=session,
+        runtime=runtime,
+        agent=caller.agent,
+        report=body,
+        presented_not_after=caller.cert_not_after,
+    )
+
+
+def _parse_labels(pairs: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"label filter {pair!r} must be key=value")
+        labels[key] = value
+    return labels

@@ -1,0 +1,224 @@
+"""Agents: registration, the fleet listing, operator updates, deletion, heartbeats."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+
+from app.agents import selectors
+from app.agents.schemas import (
+    AgentCertificate,
+    AgentCertificateInfo,
+    AgentConfig,
+    AgentDetail,
+    AgentPublic,
+    AgentRegister,
+    AgentRegistered,
+    AgentUpdate,
+    CertificateRenewal,
+    Heartbeat,
+    HeartbeatAnswer,
+)
+from app.certs import service as certs_service
+from app.db import after_commit
+from app.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from app.models import Agent, Task
+from app.models.types import utcnow
+from app.notify import AgentEvent
+from app.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
+from app.runtime import Runtime
+from app.tasks import service as tasks_service
+from app.tasks.schemas import OPEN_STATUSES
+from app.tokens import service as tokens_service
+from pki import CsrError, generate_agent_key, jwk_thumbprint, private_key_pem, public_key_pem
+from pki.csr import public_key_from_csr
+
+
+def register(*, session: Session, runtime: Runtime, token: str, request: AgentRegister) -> AgentRegistered:
+    """Spend the registration token and create the agent with its certificate and JWT.
+
+    One transaction: a registration that fails (taken name, bad CSR) spends
+    no token. 401 for a bad, used or expired token; 409 for a taken name.
+    """
+    if request.csr is not None:
+        try:
+            public_key = public_key_from_csr(request.csr)
+        except CsrError as exc:
+            raise InvalidInput(f"csr: {exc}") from exc
+        private_key_out = None
+    else:
+        private_key = generate_agent_key()
+        public_key = private_key.public_key()
+        private_key_out = private_key_pem(private_key)
+
+    agent_id = uuid.uuid4()
+    if not tokens_service.consume_token(session=session, token=token, agent_id=agent_id):
+        raise Unauthorized("registration token is invalid, used or expired")
+
+    issued = certs_service.issue(
+        ca=runtime.ca, settings=runtime.settings, agent_id=agent_id, public_key=public_key
+    )
+    thumbprint = jwk_thumbprint(public_key)
+    agent = Agent(
+        id=agent_id,
+        name=request.name,
+        version=request.version,
+        capabilities=request.capabilities,
+        labels=request.labels,
+        public_key_pem=public_key_pem(public_key),
+        key_thumbprint=thumbprint,
+        cert_pem=issued.pem,
+        cert_serial=issued.serial,
+        cert_not_after=issued.not_after,
+    )
+    try:
+        with session.begin_nested():
+            session.add(agent)
+            session.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"agent name {request.name!r} is already registered") from exc
+
+    settings = runtime.settings
+    return AgentRegistered(
+        agent_id=agent_id,
+        token=runtime.token_signer.issue(
+            agent_id=agent_id, key_thumbprint=thumbprint, issued_at=int(agent.registered_at.timestamp())
+        ),
+        config=AgentConfig(
+            heartbeat_interval=settings.heartbeat_interval,
+            task_poll_interval=settings.task_poll_interval,
+            log_level=settings.agent_log_level,
+        ),
+        certificate=AgentCertificate(
+            cert=issued.pem, key=private_key_out, ca=runtime.ca.cert_pem, expires_at=issued.not_after
+        ),
+    )
+
+
+def get(*, session: Session, agent_id: uuid.UUID) -> Agent:
+    agent = session.get(Agent, agent_id)
+    if agent is None:
+        raise NotFound(f"agent {agent_id} not found")
+    return agent
+
+
+def detail(*, session: Session, agent_id: uuid.UUID) -> AgentDetail:
+    """Everything known about one agent."""
+    agent = get(session=session, agent_id=agent_id)
+    open_tasks = session.scalar(
+        select(func.count())
+        .select_from(Task)
+        .where(col(Task.agent_id) == agent_id, col(Task.status).in_(OPEN_STATUSES))
+    )
+    return AgentDetail(
+        **public(agent).model_dump(),
+        reported_status=agent.reported_status,
+        running_tasks=agent.running_tasks,
+        registered_at=agent.registered_at,
+        certificate=AgentCertificateInfo(serial=agent.cert_serial, expires_at=agent.cert_not_after),
+        open_tasks=open_tasks or 0,
+    )
+
+
+def public(agent: Agent) -> AgentPublic:
+    return AgentPublic.model_validate(agent)
+
+
+def list_public(
+    *,
+    session: Session,
+    status: str | None = None,
+    capability: str | None = None,
+    labels: dict[str, str] | None = None,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> tuple[list[AgentPublic], str | None]:
+    """Agents by name, filtered, one keyset page at a time (next cursor or None)."""
+    dialect = session.get_bind().dialect.name
+    query = select(Agent).where(selectors.matches(dialect, capability=capability, labels=labels))
+    if status is not None:
+        query = query.where(col(Agent.status) == status)
+    if cursor is not None:
+        (after_name,) = decode_cursor(cursor, 1)
+        query = query.where(col(Agent.name) > str(after_name))
+    rows = session.scalars(query.order_by(col(Agent.name)).limit(limit + 1)).all()
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].name) if len(rows) > limit else None
+    return [public(agent) for agent in page], next_cursor
+
+
+def update(*, session: Session, agent_id: uuid.UUID, changes: AgentUpdate) -> AgentDetail:
+    """Apply an operator's changes (fields left out stay as they are)."""
+    agent = get(session=session, agent_id=agent_id)
+    if changes.name is not None:
+        agent.name = changes.name
+    if changes.labels is not None:
+        agent.labels = dict(changes.labels)
+    if changes.capabilities is not None:
+        agent.capabilities = list(changes.capabilities)
+    try:
+        with session.begin_nested():
+            session.add(agent)
+            session.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"agent name {changes.name!r} is already registered") from exc
+    return detail(session=session, agent_id=agent_id)
+
+
+def delete_agent(*, session: Session, runtime: Runtime, agent_id: uuid.UUID) -> None:
+    """Remove the agent: its JWT and certificate fail from the next request on.
+
+    Its unfinished tasks are cancelled; finished ones stay as history.
+    """
+    deleted = session.execute(
+        delete(Agent).where(col(Agent.id) == agent_id).returning(col(Agent.id))
+    ).first()
+    if deleted is None:
+        raise NotFound(f"agent {agent_id} not found")
+    tasks_service.cancel_all_for_agent(session=session, agent_id=agent_id, reason="agent deleted")
+    notifier = runtime.notifier
+    after_commit(session, lambda: notifier.publish(AgentEvent("agent_deleted", agent_id=agent_id)))
+
+
+def heartbeat(
+    *,
+    session: Session,
+    runtime: Runtime,
+    agent: Agent,
+    report: Heartbeat,
+    presented_not_after: dt.datetime,
+) -> HeartbeatAnswer:
+    """Record liveness and usage, hand over pending tasks, renew a certificate near expiry.
+
+    The agent row was read by authentication in this same transaction; its
+    UPDATE goes first, so two racing heartbeats of one agent queue on that
+    row, and the guarded claim gives each pending task to only one of them.
+    """
+    agent.last_heartbeat = utcnow()
+    agent.reported_status = report.status
+    agent.status = "online" if report.status == "healthy" else "degraded"
+    if report.resource_usage is not None:
+        agent.resource_usage = report.resource_usage.model_dump(exclude_none=True)
+    if report.capabilities is not None:
+        agent.capabilities = list(report.capabilities)
+    agent.running_tasks = report.running_tasks
+    session.add(agent)
+    session.flush()
+    claimed = tasks_service.claim_pending(session=session, agent_id=agent.id)
+    renewal = certs_service.renewal_for(
+        session=session,
+        ca=runtime.ca,
+        settings=runtime.settings,
+        agent=agent,
+        presented_not_after=presented_not_after,
+    )
+    return HeartbeatAnswer(
+        tasks=[tasks_service.deliver(task, runtime.cipher) for task in claimed],
+        certificate_renewal=(
+            CertificateRenewal(cert=renewal.pem, expires_at=renewal.not_after) if renewal else None
+        ),
+    )

@@ -1,0 +1,1 @@
+"""What every router shares: dependencies and the problem+json responses."""

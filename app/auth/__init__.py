@@ -1,0 +1,1 @@
+"""Who is calling: agent tokens, client certificates and the operator's token."""

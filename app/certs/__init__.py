@@ -1,0 +1,1 @@
+"""Agent certificates: issuing at registration and renewal near expiry."""

@@ -1,0 +1,73 @@
+"""Issuing and renewing agent certificates (the CA itself lives in `pki`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from sqlmodel import Session
+
+from app.models import Agent
+from app.models.types import utcnow
+from app.settings import Settings
+from pki import AgentPublicKey, CertificateAuthority, issue_client_certificate, load_public_key_pem
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    pem: str
+    serial: str
+    not_after: dt.datetime
+
+
+def issue(
+    *, ca: CertificateAuthority, settings: Settings, agent_id: uuid.UUID, public_key: AgentPublicKey
+) -> IssuedCertificate:
+    """A certificate for `public_key` naming `agent_id`, valid for STELLA_CERT_TTL."""
+    cert = issue_client_certificate(
+        ca, agent_id=agent_id, public_key=public_key, ttl=dt.timedelta(seconds=settings.cert_ttl)
+    )
+    return IssuedCertificate(
+        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        serial=format(cert.serial_number, "x"),
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def renewal_for(
+    *,
+    session: Session,
+    ca: CertificateAuthority,
+    settings: Settings,
+    agent: Agent,
+    presented_not_after: dt.datetime,
+) -> IssuedCertificate | None:
+    """The certificate to hand an agent whose presented one expires soon, else None.
+
+    The decision follows the certificate the agent actually presented, not
+    the newest one we stored: if a renewal answer was lost, the agent asks
+    again with its old certificate and gets the stored renewal back. A
+    renewal issued ahead of time (by a worker) is handed out as it is;
+    signing here is the fallback.
+    """
+    now = utcnow()
+    window = dt.timedelta(seconds=settings.cert_renewal_window)
+    if presented_not_after - now > window:
+        return None
+    if agent.cert_not_after > presented_not_after and agent.cert_not_after - now > window:
+        return IssuedCertificate(
+            pem=agent.cert_pem, serial=agent.cert_serial, not_after=agent.cert_not_after
+        )
+    renewed = issue(
+        ca=ca,
+        settings=settings,
+        agent_id=agent.id,
+        public_key=load_public_key_pem(agent.public_key_pem),
+    )
+    agent.cert_pem = renewed.pem
+    agent.cert_serial = renewed.serial
+    agent.cert_not_after = renewed.not_after
+    session.add(agent)
+    return renewed

@@ -1,0 +1,22 @@
+"""`stella`: the entry point that gathers the command groups."""
+
+from __future__ import annotations
+
+import typer
+
+from app.cli import db, serve, tokens
+
+cli = typer.Typer(
+    name="stella",
+    help="Stella agent dispatch: the agent control plane.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cli.command("serve")(serve.serve)
+cli.add_typer(tokens.cli, name="tokens")
+cli.add_typer(db.cli, name="db")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,53 @@
+"""`stella serve`: the web process (uvicorn), optionally with mutual TLS."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from app.server.tls import uvicorn_config
+from app.settings import get_settings
+from pki import PkiError, load_or_create_pki
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Serve HTTPS and ask agents for client certificates.")
+    ] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Web processes.")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the web process."""
+    settings = get_settings()
+    try:
+        ca = load_or_create_pki(settings.resolved_pki_dir)
+    except PkiError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    server_cert = server_key = None
+    if tls:
+        server_cert, server_key = ca.server_certificate_files(settings.server_names)
+    config = uvicorn_config(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        tls=tls,
+        ca_cert_file=ca.files.ca_cert,
+        server_cert_file=server_cert,
+        server_key_file=server_key,
+        workers=workers,
+        log_level=log_level,
+    )
+    uvicorn.Server(config).run() if workers == 1 else _run_multiprocess(config)
+
+
+def _run_multiprocess(config: uvicorn.Config) -> None:
+    from uvicorn.supervisors import Multiprocess
+
+    sock = config.bind_socket()
+    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()

@@ -1,0 +1,1 @@
+"""Dispatch by selector: one operator request, a task per matching agent."""

@@ -1,0 +1,57 @@
+"""The FastAPI application, built by `create_app(settings)`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.agents.router import router as agents_router
+from app.api.body_limit import BodyLimitMiddleware
+from app.certs.router import router as certs_router
+from app.dispatch import service as dispatch_service
+from app.dispatch.router import router as dispatch_router
+from app.errors import install_error_handlers
+from app.health.router import router as health_router
+from app.runtime import Runtime, build_runtime
+from app.settings import Settings, get_settings
+from app.tasks.router import agent_router as agent_tasks_router
+from app.tasks.router import operator_router as tasks_router
+from app.tokens.router import router as tokens_router
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """The web app. Loads (or on first start creates) the PKI, so a broken one fails here."""
+    settings = settings or get_settings()
+    runtime = runtime or build_runtime(settings)
+    bound_runtime = runtime
+    runtime.dispatch_runner.bind(
+        lambda dispatch_id: dispatch_service.expand(runtime=bound_runtime, dispatch_id=dispatch_id)
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        bound_runtime.close()
+
+    app = FastAPI(
+        title="Stella agent dispatch",
+        version="0.1.0",
+        summary="Registration, mTLS certificates, heartbeats and task dispatch for deployment agents.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    for router in (
+        health_router,
+        certs_router,
+        tokens_router,
+        agents_router,
+        agent_tasks_router,
+        tasks_router,
+        dispatch_router,
+    ):
+        app.include_router(router)
+    return app

@@ -1,0 +1,9 @@
+"""The tables, one module each; importing this package registers them all."""
+
+from app.models.agent import Agent
+from app.models.dispatch import Dispatch
+from app.models.registration_token import RegistrationToken
+from app.models.task import Task
+from app.models.task_log import TaskLog
+
+__all__ = ["Agent", "Dispatch", "RegistrationToken", "Task", "TaskLog"]

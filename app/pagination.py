@@ -1,0 +1,33 @@
+"""Opaque keyset cursors for list endpoints (`?limit=&cursor=`).
+
+The next page's cursor travels in the `Link: <...>; rel="next"` header, so
+that list bodies keep the plain-array shape the seed gives them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from app.errors import InvalidInput
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+def encode_cursor(*values: Any) -> str:
+    raw = json.dumps(list(values), separators=(",", ":"), default=str).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str, arity: int) -> list[Any]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        values = json.loads(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput("cursor is not valid") from exc
+    if not isinstance(values, list) or len(values) != arity:
+        raise InvalidInput("cursor is not valid")
+    return values

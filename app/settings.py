@@ -1,0 +1,79 @@
+"""Settings from the environment (prefix `STELLA_`), built once by `get_settings()`."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; CONTRACT.md's settings table is the reference."""
+
+    model_config = SettingsConfigDict(env_prefix="STELLA_", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    redis_url: str | None = None
+    admin_token: SecretStr | None = None
+    pki_dir: Path | None = None
+
+    heartbeat_interval: int = Field(30, ge=1)
+    task_poll_interval: int = Field(5, ge=1)
+    agent_log_level: Literal["debug", "info", "warning", "error"] = "info"
+    offline_after_missed: int = Field(3, ge=1)
+    sweep_interval: int | None = Field(None, ge=1)
+
+    cert_ttl: int = Field(86400, ge=60)
+    cert_renewal_window: int = Field(3600, ge=0)
+    registration_token_ttl: int = Field(86400, ge=60, le=86400)
+
+    server_names: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    # Header a TLS-terminating proxy puts the verified client certificate in
+    # (URL-encoded PEM, as nginx's $ssl_client_escaped_cert).
+    client_cert_header: str = "X-Client-Cert"
+
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    task_default_timeout: int = Field(300, ge=1)
+
+    @field_validator("server_names", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)
+        return value
+
+    @property
+    def resolved_pki_dir(self) -> Path:
+        return self.pki_dir or self.data_dir / "pki"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'stella.db'}"
+
+    @property
+    def resolved_sweep_interval(self) -> int:
+        return self.sweep_interval or self.heartbeat_interval
+
+    @cached_property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(entry, strict=False) for entry in self.trusted_proxies)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings()

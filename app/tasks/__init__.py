@@ -1,0 +1,1 @@
+"""Tasks: dispatch, delivery to agents, completion and cancellation."""

@@ -1,0 +1,143 @@
+"""Request and response bodies of the task API."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from app.schemas import ApiModel, OmitNoneModel, OperatorRequest, Timestamp
+
+TaskType = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+TaskStatus = Literal[
+    "pending", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out"
+]
+OPEN_STATUSES: tuple[str, ...] = ("pending", "assigned", "running")
+FINAL_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled", "timed_out")
+MAX_TIMEOUT = 7 * 24 * 3600
+
+
+class TaskDelivery(OmitNoneModel):
+    """A task as handed to its agent (heartbeat answer, stream message)."""
+
+    task_id: uuid.UUID
+    task_type: str
+    payload: dict[str, Any]
+    credentials: dict[str, Any] | None = None
+    timeout: int
+    priority: int
+
+
+class TaskPending(TaskDelivery):
+    """An unfinished task as the poll endpoint lists it."""
+
+    status: str
+    created_at: Timestamp
+
+
+class TaskPendingList(ApiModel):
+    tasks: list[TaskPending]
+
+
+class TaskTarget(OperatorRequest):
+    agent_id: uuid.UUID | None = None
+    capability: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    labels: Annotated[dict[str, str], Field(max_length=64)] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TaskTarget:
+        selector = self.capability is not None or self.labels is not None
+        if self.agent_id is not None and selector:
+            raise ValueError("target is either {agentId} or a selector {capability, labels}")
+        if self.agent_id is None and not selector:
+            raise ValueError("target needs agentId, capability or labels")
+        return self
+
+
+class TaskCreate(OperatorRequest):
+    task_type: TaskType
+    payload: dict[str, Any] = {}
+    credentials: Annotated[dict[str, Any], Field(max_length=64)] | None = None
+    timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] | None = None
+    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
+    target: TaskTarget
+
+
+class TaskRef(ApiModel):
+    task_id: uuid.UUID
+    agent_id: uuid.UUID
+    status: str
+
+
+class TasksCreated(ApiModel):
+    tasks: list[TaskRef]
+
+
+class DispatchAccepted(ApiModel):
+    dispatch_id: uuid.UUID
+    status: str
+
+
+class DispatchView(ApiModel):
+    dispatch_id: uuid.UUID
+    status: str
+    target: dict[str, Any]
+    created_at: Timestamp
+    tasks: list[TaskRef]
+
+
+class LogLine(ApiModel):
+    timestamp: Timestamp
+    level: Annotated[str, StringConstraints(min_length=1, max_length=16)] = "info"
+    message: Annotated[str, StringConstraints(max_length=64 * 1024)]
+
+
+class TaskView(ApiModel):
+    """A task as operators see it: never its credentials."""
+
+    task_id: uuid.UUID
+    agent_id: uuid.UUID
+    dispatch_id: uuid.UUID | None
+    task_type: str
+    status: str
+    priority: int
+    timeout: int
+    payload: dict[str, Any]
+    created_at: Timestamp
+    assigned_at: Timestamp | None
+    started_at: Timestamp | None
+    completed_at: Timestamp | None
+    progress: int | None
+    progress_message: str | None
+    result: dict[str, Any] | None
+    logs: list[LogLine]
+    error: str | None
+
+
+class TaskSummary(ApiModel):
+    task_id: uuid.UUID
+    agent_id: uuid.UUID
+    task_type: str
+    status: str
+    priority: int
+    created_at: Timestamp
+    completed_at: Timestamp | None
+
+
+class TaskComplete(ApiModel):
+    success: bool
+    result: dict[str, Any] | None = None
+    logs: Annotated[list[LogLine], Field(max_length=10_000)] = []
+    error: Annotated[str, StringConstraints(max_length=4096)] | None = None
+
+
+class Acknowledged(ApiModel):
+    acknowledged: bool = True
+
+
+class TaskCancelled(ApiModel):
+    task_id: uuid.UUID
+    status: str

@@ -1,0 +1,354 @@
+"""The life of a task: created for one agent, claimed, completed or cancelled.
+
+Every transition is one guarded UPDATE on the expected prior state, so two
+heartbeats, two completions or a completion racing a cancel are settled by
+the database: exactly one of them changes the row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import insert, select, update
+from sqlmodel import Session, col
+
+from app.db import after_commit
+from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.models import Agent, Task, TaskLog
+from app.models.types import utcnow
+from app.notify import AgentEvent, Notifier
+from app.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
+from app.settings import Settings
+from app.tasks.credentials import CredentialCipher
+from app.tasks.schemas import (
+    FINAL_STATUSES,
+    OPEN_STATUSES,
+    LogLine,
+    TaskComplete,
+    TaskCreate,
+    TaskDelivery,
+    TaskPending,
+    TaskSummary,
+    TaskView,
+)
+
+# Tasks one heartbeat or poll hands over at most; the rest follow next time.
+CLAIM_BATCH = 100
+
+
+def create_for_agent(
+    *,
+    session: Session,
+    settings: Settings,
+    cipher: CredentialCipher,
+    notifier: Notifier,
+    agent_id: uuid.UUID,
+    spec: TaskCreate,
+) -> Task:
+    """A pending task for one agent; 404 when it is unknown, 503 when it is offline."""
+    # FOR SHARE: a concurrent delete waits for this insert (and then cancels it).
+    agent = session.scalars(
+        select(Agent).where(col(Agent.id) == agent_id).with_for_update(read=True)
+    ).first()
+    if agent is None:
+        raise NotFound(f"agent {agent_id} not found")
+    if agent.status == "offline":
+        raise ServiceUnavailable(f"agent {agent_id} is offline", retry_after=settings.heartbeat_interval)
+    task = new_task(
+        settings=settings,
+        cipher=cipher,
+        agent_id=agent_id,
+        task_type=spec.task_type,
+        payload=spec.payload,
+        credentials=spec.credentials,
+        timeout=spec.timeout,
+        priority=spec.priority,
+    )
+    session.add(task)
+    session.flush()
+    notify_created(session=session, notifier=notifier, agent_id=agent_id, task_id=task.id)
+    return task
+
+
+def new_task(
+    *,
+    settings: Settings,
+    cipher: CredentialCipher,
+    agent_id: uuid.UUID,
+    task_type: str,
+    payload: dict[str, object],
+    credentials: dict[str, object] | None,
+    timeout: int | None,
+    priority: int,
+    dispatch_id: uuid.UUID | None = None,
+) -> Task:
+    """A Task row, its credentials encrypted for that row alone."""
+    task_id = uuid.uuid4()
+    return Task(
+        id=task_id,
+        agent_id=agent_id,
+        dispatch_id=dispatch_id,
+        task_type=task_type,
+        payload=payload,
+        credentials_encrypted=(
+            cipher.encrypt(credentials, owner=task_id) if credentials is not None else None
+        ),
+        timeout=timeout or settings.task_default_timeout,
+        priority=priority,
+    )
+
+
+def notify_created(
+    *, session: Session, notifier: Notifier, agent_id: uuid.UUID, task_id: uuid.UUID
+) -> None:
+    after_commit(
+        session,
+        lambda: notifier.publish(AgentEvent("task_created", agent_id=agent_id, task_id=task_id)),
+    )
+
+
+def claim_pending(*, session: Session, agent_id: uuid.UUID, limit: int = CLAIM_BATCH) -> list[Task]:
+    """Mark the agent's best pending tasks assigned and return them, best first.
+
+    The `status = 'pending'` guard on the UPDATE itself (not only in the
+    subquery) is what makes a task go to exactly one of two racing claims.
+    """
+    best = (
+        select(col(Task.id))
+        .where(col(Task.agent_id) == agent_id, col(Task.status) == "pending")
+        .order_by(col(Task.priority).desc(), col(Task.created_at))
+        .limit(limit)
+    )
+    claimed = session.scalars(
+        update(Task)
+        .where(col(Task.id).in_(best.scalar_subquery()), col(Task.status) == "pending")
+        .values(status="assigned", assigned_at=utcnow())
+        .returning(Task),
+        execution_options={"synchronize_session": False},
+    ).all()
+    return sorted(claimed, key=_delivery_order)
+
+
+def has_pending(*, session: Session, agent_id: uuid.UUID) -> bool:
+    found = session.execute(
+        select(col(Task.id))
+        .where(col(Task.agent_id) == agent_id, col(Task.status) == "pending")
+        .limit(1)
+    ).first()
+    return found is not None
+
+
+def deliver(task: Task, cipher: CredentialCipher) -> TaskDelivery:
+    """The task as its own agent receives it, credentials decrypted."""
+    return TaskDelivery(
+        task_id=task.id,
+        task_type=task.task_type,
+        payload=task.payload,
+        credentials=_credentials(task, cipher),
+        timeout=task.timeout,
+        priority=task.priority,
+    )
+
+
+def open_tasks_for_agent(
+    *, session: Session, cipher: CredentialCipher, agent_id: uuid.UUID
+) -> list[TaskPending]:
+    """Claim what is pending, then list every unfinished task of the agent.
+
+    A restarted agent learns here what it held before; an agent that only
+    polls gets everything it needs to run its tasks.
+    """
+    claim_pending(session=session, agent_id=agent_id)
+    tasks = session.scalars(
+        select(Task)
+        .where(col(Task.agent_id) == agent_id, col(Task.status).in_(OPEN_STATUSES))
+        .order_by(col(Task.priority).desc(), col(Task.created_at))
+    ).all()
+    return [
+        TaskPending(
+            task_id=task.id,
+            task_type=task.task_type,
+            payload=task.payload,
+            credentials=_credentials(task, cipher),
+            timeout=task.timeout,
+            priority=task.priority,
+            status=task.status,
+            created_at=task.created_at,
+        )
+        for task in tasks
+    ]
+
+
+def complete(
+    *, session: Session, agent_id: uuid.UUID, task_id: uuid.UUID, report: TaskComplete
+) -> None:
+    """Record the agent's outcome; a repeat of the same outcome is accepted again.
+
+    404 for a task that is not this agent's, 409 when the task already ended
+    otherwise (another outcome, cancelled, timed out) or was never delivered.
+    """
+    outcome = "succeeded" if report.success else "failed"
+    now = utcnow()
+    finished = session.execute(
+        update(Task)
+        .where(
+            col(Task.id) == task_id,
+            col(Task.agent_id) == agent_id,
+            col(Task.status).in_(("assigned", "running")),
+        )
+        .values(
+            status=outcome,
+            completed_at=now,
+            result=report.result,
+            error=report.error,
+            credentials_encrypted=None,
+        )
+        .returning(col(Task.id)),
+        execution_options={"synchronize_session": False},
+    ).first()
+    if finished is not None:
+        append_logs(session=session, task_id=task_id, lines=report.logs)
+        return
+    task = session.get(Task, task_id)
+    if task is None or task.agent_id != agent_id:
+        raise NotFound(f"task {task_id} not found")
+    if task.status == outcome:
+        return
+    if task.status == "pending":
+        raise Conflict(f"task {task_id} was not delivered yet")
+    raise Conflict(f"task {task_id} already ended as {task.status}")
+
+
+def append_logs(*, session: Session, task_id: uuid.UUID, lines: Sequence[LogLine]) -> None:
+    if lines:
+        session.execute(
+            insert(TaskLog),
+            [
+                {"task_id": task_id, "timestamp": line.timestamp, "level": line.level,
+                 "message": line.message}
+                for line in lines
+            ],
+        )
+
+
+def cancel(*, session: Session, notifier: Notifier, task_id: uuid.UUID) -> Task:
+    """Cancel an unfinished task and tell its agent; 409 once it has ended."""
+    cancelled = session.scalars(
+        update(Task)
+        .where(col(Task.id) == task_id, col(Task.status).in_(OPEN_STATUSES))
+        .values(status="cancelled", completed_at=utcnow(), credentials_encrypted=None)
+        .returning(Task),
+        execution_options={"synchronize_session": False},
+    ).first()
+    if cancelled is None:
+        task = session.get(Task, task_id)
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        raise Conflict(f"task {task_id} already ended as {task.status}")
+    agent_id = cancelled.agent_id
+    after_commit(
+        session,
+        lambda: notifier.publish(AgentEvent("task_cancelled", agent_id=agent_id, task_id=task_id)),
+    )
+    return cancelled
+
+
+def cancel_all_for_agent(*, session: Session, agent_id: uuid.UUID, reason: str) -> int:
+    """End every unfinished task of an agent that is going away."""
+    result = session.execute(
+        update(Task)
+        .where(col(Task.agent_id) == agent_id, col(Task.status).in_(OPEN_STATUSES))
+        .values(status="cancelled", completed_at=utcnow(), error=reason, credentials_encrypted=None)
+        .returning(col(Task.id)),
+        execution_options={"synchronize_session": False},
+    )
+    return len(result.all())
+
+
+def get_view(*, session: Session, task_id: uuid.UUID) -> TaskView:
+    """A task with its logs, as operators see it (never its credentials)."""
+    task = session.get(Task, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} not found")
+    logs = session.scalars(
+        select(TaskLog).where(col(TaskLog.task_id) == task_id).order_by(col(TaskLog.id))
+    ).all()
+    return TaskView(
+        task_id=task.id,
+        agent_id=task.agent_id,
+        dispatch_id=task.dispatch_id,
+        task_type=task.task_type,
+        status=task.status,
+        priority=task.priority,
+        timeout=task.timeout,
+        payload=task.payload,
+        created_at=task.created_at,
+        assigned_at=task.assigned_at,
+        started_at=task.started_at,
+        completed_at=task.completed_at,
+        progress=task.progress,
+        progress_message=task.progress_message,
+        result=task.result,
+        logs=[LogLine(timestamp=log.timestamp, level=log.level, message=log.message) for log in logs],
+        error=task.error,
+    )
+
+
+def list_summaries(
+    *,
+    session: Session,
+    agent_id: uuid.UUID | None,
+    status: str | None,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> tuple[list[TaskSummary], str | None]:
+    """Tasks newest first, filtered, one keyset page at a time."""
+    query = select(Task)
+    if agent_id is not None:
+        query = query.where(col(Task.agent_id) == agent_id)
+    if status is not None:
+        if status not in OPEN_STATUSES + FINAL_STATUSES:
+            raise InvalidInput(f"unknown task status {status!r}")
+        query = query.where(col(Task.status) == status)
+    if cursor is not None:
+        created_raw, id_raw = decode_cursor(cursor, 2)
+        try:
+            created_at = dt.datetime.fromisoformat(created_raw)
+            last_id = uuid.UUID(id_raw)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput("cursor is not valid") from exc
+        query = query.where(
+            (col(Task.created_at) < created_at)
+            | ((col(Task.created_at) == created_at) & (col(Task.id) < last_id))
+        )
+    rows = session.scalars(
+        query.order_by(col(Task.created_at).desc(), col(Task.id).desc()).limit(limit + 1)
+    ).all()
+    page = rows[:limit]
+    next_cursor = (
+        encode_cursor(page[-1].created_at.isoformat(), page[-1].id) if len(rows) > limit else None
+    )
+    return [
+        TaskSummary(
+            task_id=task.id,
+            agent_id=task.agent_id,
+            task_type=task.task_type,
+            status=task.status,
+            priority=task.priority,
+            created_at=task.created_at,
+            completed_at=task.completed_at,
+        )
+        for task in page
+    ], next_cursor
+
+
+def _credentials(task: Task, cipher: CredentialCipher) -> dict[str, object] | None:
+    if task.credentials_encrypted is None:
+        return None
+    return cipher.decrypt(task.credentials_encrypted, owner=task.id)
+
+
+def _delivery_order(task: Task) -> tuple[int, dt.datetime]:
+    return (-task.priority, task.created_at)

@@ -1,0 +1,1 @@
+"""Registration tokens: minted by operators, spent once by a registering agent."""

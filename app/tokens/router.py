@@ -1,0 +1,27 @@
+"""POST /api/v1/registration-tokens (operator)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import AdminDep, RuntimeDep, SessionDep
+from app.api.problems import problems
+from app.tokens import service
+from app.tokens.schemas import RegistrationTokenCreate, RegistrationTokenCreated
+
+router = APIRouter(prefix="/api/v1/registration-tokens", tags=["operators"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    dependencies=[AdminDep],
+    responses=problems(401, 422),
+)
+def create_registration_token(
+    session: SessionDep, runtime: RuntimeDep, body: RegistrationTokenCreate | None = None
+) -> RegistrationTokenCreated:
+    """Mint a single-use registration token (shown once, stored as a hash)."""
+    ttl = body.ttl_seconds if body else None
+    token, row = service.create_token(session=session, settings=runtime.settings, ttl_seconds=ttl)
+    return RegistrationTokenCreated(token=token, expires_at=row.expires_at)

@@ -1,0 +1,63 @@
+"""Minting and spending registration tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+import uuid
+
+from sqlalchemy import update
+from sqlmodel import Session, col
+
+from app.errors import InvalidInput
+from app.models import RegistrationToken
+from app.models.types import utcnow
+from app.settings import Settings
+
+TOKEN_PREFIX = "srt_"
+
+
+def hash_token(token: str) -> str:
+    """Tokens are high-entropy, so a plain SHA-256 is enough (no password hashing)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(
+    *, session: Session, settings: Settings, ttl_seconds: int | None = None
+) -> tuple[str, RegistrationToken]:
+    """Mint a token; the plaintext is returned once and never stored."""
+    ttl = settings.registration_token_ttl if ttl_seconds is None else ttl_seconds
+    if not 1 <= ttl <= settings.registration_token_ttl:
+        raise InvalidInput(
+            f"ttlSeconds must be between 1 and {settings.registration_token_ttl}"
+        )
+    plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = utcnow()
+    row = RegistrationToken(
+        token_hash=hash_token(plaintext), created_at=now, expires_at=now + dt.timedelta(seconds=ttl)
+    )
+    session.add(row)
+    session.flush()
+    return plaintext, row
+
+
+def consume_token(*, session: Session, token: str, agent_id: uuid.UUID) -> bool:
+    """Spend `token` for `agent_id`; False when it is unknown, used or expired.
+
+    One guarded UPDATE: of concurrent registrations with one token, exactly
+    one sees its row returned. The caller's transaction decides whether the
+    spend sticks, so a registration that fails later spends nothing.
+    """
+    now = utcnow()
+    spent = session.execute(
+        update(RegistrationToken)
+        .where(
+            col(RegistrationToken.token_hash) == hash_token(token),
+            col(RegistrationToken.used_at).is_(None),
+            col(RegistrationToken.expires_at) > now,
+        )
+        .values(used_at=now, agent_id=agent_id)
+        .returning(col(RegistrationToken.id))
+    ).first()
+    return spent is not None

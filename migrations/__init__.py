@@ -1,0 +1,1 @@
+"""Alembic migrations of the Stella schema (`stella db upgrade`)."""
