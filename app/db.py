@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, create_engine
@@ -20,6 +21,7 @@ from sqlmodel import Session, create_engine
 log = logging.getLogger(__name__)
 
 _AFTER_COMMIT = "stella_after_commit"
+_DIALECT_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
 def make_engine(url: str) -> Engine:
@@ -116,11 +118,8 @@ def insert_ignoring_conflicts(
     if not rows:
         return []
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    else:
+    insert = _DIALECT_INSERTS.get(dialect)
+    if insert is None:
         raise NotImplementedError(f"no conflict-ignoring insert for {dialect}")
     table = model.__table__
     statement = (

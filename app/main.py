@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app = FastAPI(
         title="Stella agent dispatch",
         version="0.1.0",
-        summary="Registration, mTLS certificates, heartbeats and task dispatch for deployment agents.",
+        summary="Registration, mTLS certificates, heartbeats and task dispatch for agents.",
         lifespan=lifespan,
     )
     app.state.runtime = runtime

@@ -21,7 +21,7 @@ from app.tasks.credentials import CredentialCipher
 from pki import CertificateAuthority, load_or_create_pki
 
 # Runs a dispatch's expansion somewhere other than the request (see DispatchRunner).
-ExpandFn = Callable[[uuid.UUID], None]
+ExpandFn = Callable[[uuid.UUID], object]
 
 
 class InProcessDispatchRunner:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from alembic import context
+from alembic.autogenerate.api import AutogenContext
 from sqlmodel import SQLModel
 
 import app.models  # noqa: F401  (registers every table on SQLModel.metadata)
 from app.db import make_engine
+from app.models.types import UTCDateTime
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -34,10 +38,8 @@ def run_migrations_online() -> None:
     engine.dispose()
 
 
-def _render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """Render our UTCDateTime without the impl's arguments it does not take."""
-    from app.models.types import UTCDateTime
-
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "app.models.types.UTCDateTime()"
     return False

@@ -29,8 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from pki.issue import issue_server_certificate, san_entries
+
 CA_LIFETIME = dt.timedelta(days=3650)
-SERVER_CERT_LIFETIME = dt.timedelta(days=90)
 # Reissue the server certificate at start when it has less than this left.
 SERVER_CERT_MIN_REMAINING = dt.timedelta(days=30)
 
@@ -98,8 +99,6 @@ class CertificateAuthority:
         self, names: Sequence[str], *, now: dt.datetime | None = None
     ) -> tuple[Path, Path]:
         """Paths of a server certificate for `names`, issuing a new one when needed."""
-        from pki.issue import issue_server_certificate
-
         now = now or dt.datetime.now(dt.UTC)
         with _directory_lock(self.files.directory):
             if not _server_cert_fits(self.files, self.cert, names, now):
@@ -209,8 +208,6 @@ def _server_cert_fits(
         return False
     if key.public_key() != cert.public_key():
         return False
-    from pki.issue import san_entries
-
     current = {str(entry.value) for entry in san}
     wanted = {str(entry.value) for entry in san_entries(names)}
     return current == wanted and cert.not_valid_after_utc - now > SERVER_CERT_MIN_REMAINING

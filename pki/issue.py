@@ -11,17 +11,21 @@ import datetime as dt
 import ipaddress
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki.authority import SERVER_CERT_LIFETIME, CertificateAuthority
 from pki.keys import AgentPublicKey
+
+if TYPE_CHECKING:
+    from pki.authority import CertificateAuthority
 
 # Tolerate agents whose clock runs a little behind ours.
 BACKDATE = dt.timedelta(minutes=1)
+SERVER_CERT_LIFETIME = dt.timedelta(days=90)
 
 
 def issue_client_certificate(
@@ -61,7 +65,9 @@ def issue_server_certificate(
     now = now or dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
     return (
-        _builder(ca, subject=subject, public_key=key.public_key(), now=now, ttl=SERVER_CERT_LIFETIME)
+        _builder(
+            ca, subject=subject, public_key=key.public_key(), now=now, ttl=SERVER_CERT_LIFETIME
+        )
         .add_extension(_key_usage(), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(san_entries(names)), critical=False)

@@ -30,6 +30,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from app import migrate
+from app.db import make_engine
 from app.main import create_app
 from app.runtime import Runtime, build_runtime
 from app.server.tls import uvicorn_config
@@ -60,7 +61,9 @@ def free_port() -> int:
 # --- databases -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -87,8 +90,6 @@ def database_url(backend: str, tmp_path_factory: pytest.TempPathFactory, worker_
         url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'stella.db'}"
     else:
         url = _postgres_database(worker_id)
-    from app.db import make_engine
-
     engine = make_engine(url)
     migrate.upgrade(engine)
     engine.dispose()
@@ -319,4 +320,3 @@ def dispatch(operator: httpx.Client, target: dict[str, Any], **body: Any) -> htt
         "/api/v1/tasks",
         json={"taskType": "docker.pull", "payload": {"image": "myapp"}, "target": target, **body},
     )
-

@@ -52,7 +52,9 @@ def list_agents(
     session: SessionDep,
     status: AgentStatus | None = None,
     capability: str | None = None,
-    label: Annotated[list[str] | None, Query(description="key=value; repeat to require several")] = None,
+    label: Annotated[
+        list[str] | None, Query(description="key=value; repeat to require several")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: str | None = None,
 ) -> list[AgentPublic]:
@@ -71,21 +73,23 @@ def list_agents(
     return agents
 
 
-@router.get(
-    "/{id}", dependencies=[OperatorOrSelfDep], responses=problems(401, 403, 404, 422)
-)
+@router.get("/{id}", dependencies=[OperatorOrSelfDep], responses=problems(401, 403, 404, 422))
 def get_agent(agent_id: AgentIdPath, session: SessionDep) -> AgentDetail:
     """One agent in full (operators, or the agent itself)."""
     return service.detail(session=session, agent_id=agent_id)
 
 
-@router.put("/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 409, 422))
+@router.put(
+    "/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 409, 422)
+)
 def update_agent(agent_id: AgentIdPath, body: AgentUpdate, session: SessionDep) -> AgentDetail:
     """Change an agent's labels, capabilities or name."""
     return service.update(session=session, agent_id=agent_id, changes=body)
 
 
-@router.delete("/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 422))
+@router.delete(
+    "/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 422)
+)
 def delete_agent(agent_id: AgentIdPath, session: SessionDep, runtime: RuntimeDep) -> AgentDeleted:
     """Revoke the agent's credentials and remove its registration."""
     service.delete_agent(session=session, runtime=runtime, agent_id=agent_id)

@@ -33,9 +33,7 @@ def has_labels(dialect: str, labels: Mapping[str, str]) -> ColumnElement[bool]:
         each = func.json_each(col(Agent.labels)).table_valued("key", "value")
         conditions.append(
             exists(
-                select(literal(1))
-                .select_from(each)
-                .where(each.c.key == key, each.c.value == value)
+                select(literal(1)).select_from(each).where(each.c.key == key, each.c.value == value)
             )
         )
     return and_(*conditions)

@@ -38,7 +38,9 @@ from pki import CsrError, generate_agent_key, jwk_thumbprint, private_key_pem, p
 from pki.csr import public_key_from_csr
 
 
-def register(*, session: Session, runtime: Runtime, token: str, request: AgentRegister) -> AgentRegistered:
+def register(
+    *, session: Session, runtime: Runtime, token: str, request: AgentRegister
+) -> AgentRegistered:
     """Spend the registration token and create the agent with its certificate and JWT.
 
     One transaction: a registration that fails (taken name, bad CSR) spends
@@ -86,7 +88,9 @@ def register(*, session: Session, runtime: Runtime, token: str, request: AgentRe
     return AgentRegistered(
         agent_id=agent_id,
         token=runtime.token_signer.issue(
-            agent_id=agent_id, key_thumbprint=thumbprint, issued_at=int(agent.registered_at.timestamp())
+            agent_id=agent_id,
+            key_thumbprint=thumbprint,
+            issued_at=int(agent.registered_at.timestamp()),
         ),
         config=AgentConfig(
             heartbeat_interval=settings.heartbeat_interval,
@@ -94,7 +98,10 @@ def register(*, session: Session, runtime: Runtime, token: str, request: AgentRe
             log_level=settings.agent_log_level,
         ),
         certificate=AgentCertificate(
-            cert=issued.pem, key=private_key_out, ca=runtime.ca.cert_pem, expires_at=issued.not_after
+            cert=issued.pem,
+            key=private_key_out,
+            ca=runtime.ca.cert_pem,
+            expires_at=issued.not_after,
         ),
     )
 

@@ -23,10 +23,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > self.max_bytes:
-                    await self._refuse(scope, receive, send)
-                    return
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                await self._refuse(scope, receive, send)
+                return
         received = 0
         response_started = False
 
@@ -52,8 +51,6 @@ class BodyLimitMiddleware:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem(
-            413, "Content Too Large", f"request body exceeds {self.max_bytes} bytes"
-        )
+        response = problem(413, "Content Too Large", f"request body exceeds {self.max_bytes} bytes")
         response.headers["Connection"] = "close"
         await response(scope, receive, send)

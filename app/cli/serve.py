@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from app.server.tls import uvicorn_config
 from app.settings import get_settings
@@ -43,11 +44,7 @@ def serve(
         workers=workers,
         log_level=log_level,
     )
-    uvicorn.Server(config).run() if workers == 1 else _run_multiprocess(config)
-
-
-def _run_multiprocess(config: uvicorn.Config) -> None:
-    from uvicorn.supervisors import Multiprocess
-
-    sock = config.bind_socket()
-    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    if workers == 1:
+        uvicorn.Server(config).run()
+    else:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()

@@ -40,7 +40,9 @@ def submit(
             agent_id=spec.target.agent_id,
             spec=spec,
         )
-        return TasksCreated(tasks=[TaskRef(task_id=task.id, agent_id=task.agent_id, status=task.status)])
+        return TasksCreated(
+            tasks=[TaskRef(task_id=task.id, agent_id=task.agent_id, status=task.status)]
+        )
     dispatch = create(session=session, runtime=runtime, spec=spec)
     return DispatchAccepted(dispatch_id=dispatch.id, status=dispatch.status)
 
@@ -91,7 +93,9 @@ def expand(*, runtime: Runtime, dispatch_id: uuid.UUID, batch_size: int = EXPAND
     with transaction(engine) as session:
         started = session.scalars(
             update(Dispatch)
-            .where(col(Dispatch.id) == dispatch_id, col(Dispatch.status).in_(("pending", "expanding")))
+            .where(
+                col(Dispatch.id) == dispatch_id, col(Dispatch.status).in_(("pending", "expanding"))
+            )
             .values(status="expanding", updated_at=utcnow())
             .returning(Dispatch),
             execution_options={"synchronize_session": False},
@@ -125,14 +129,18 @@ def _next_batch(
     query = select(col(Agent.id)).where(
         col(Agent.status) == DISPATCHABLE_STATUS,
         selectors.matches(
-            dialect, capability=dispatch.target.get("capability"), labels=dispatch.target.get("labels")
+            dialect,
+            capability=dispatch.target.get("capability"),
+            labels=dispatch.target.get("labels"),
         ),
     )
     if after_agent is not None:
         query = query.where(col(Agent.id) > after_agent)
     # FOR SHARE: an agent deleted meanwhile either waits for this batch (and
     # cancels its task) or is already gone from it.
-    rows = session.scalars(query.order_by(col(Agent.id)).limit(batch_size).with_for_update(read=True))
+    rows = session.scalars(
+        query.order_by(col(Agent.id)).limit(batch_size).with_for_update(read=True)
+    )
     return list(rows)
 
 
@@ -161,7 +169,11 @@ def _create_tasks(
             {column: getattr(task, column) for column in Task.model_fields if column != "logs"}
         )
     inserted = insert_ignoring_conflicts(
-        session, Task, rows, conflict_columns=("dispatch_id", "agent_id"), returning=("id", "agent_id")
+        session,
+        Task,
+        rows,
+        conflict_columns=("dispatch_id", "agent_id"),
+        returning=("id", "agent_id"),
     )
     for task_id, agent_id in inserted:
         tasks_service.notify_created(

@@ -26,7 +26,9 @@ class Agent(SQLModel, table=True):
     status: str = Field(default="online", max_length=16)
     # The last `status` the agent itself reported ("healthy", ...).
     reported_status: str = Field(default="healthy", max_length=32)
-    capabilities: list[str] = Field(default_factory=list, sa_column=Column(JSONType, nullable=False))
+    capabilities: list[str] = Field(
+        default_factory=list, sa_column=Column(JSONType, nullable=False)
+    )
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSONType, nullable=False))
     resource_usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
     running_tasks: int = 0

@@ -21,10 +21,16 @@ class Dispatch(SQLModel, table=True):
     # {"capability"?: str, "labels"?: {k: v}}
     target: dict[str, Any] = Field(sa_column=Column(JSONType, nullable=False))
     task_type: str = Field(max_length=128)
-    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONType, nullable=False))
+    payload: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONType, nullable=False)
+    )
     credentials_encrypted: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
     timeout: int = 300
     priority: int = 0
-    created_at: dt.datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
-    updated_at: dt.datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False)
+    )
+    updated_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False)
+    )
     completed_at: dt.datetime | None = Field(default=None, sa_column=Column(UTCDateTime))

@@ -16,7 +16,9 @@ class RegistrationToken(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     token_hash: str = Field(max_length=64, unique=True)
-    created_at: dt.datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False)
+    )
     expires_at: dt.datetime = Field(sa_column=Column(UTCDateTime, nullable=False, index=True))
     used_at: dt.datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
     agent_id: uuid.UUID | None = Field(default=None)

@@ -27,14 +27,18 @@ class Task(SQLModel, table=True):
     agent_id: uuid.UUID
     dispatch_id: uuid.UUID | None = Field(default=None, index=True)
     task_type: str = Field(max_length=128)
-    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONType, nullable=False))
+    payload: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONType, nullable=False)
+    )
     # Encrypted JSON (AES-GCM); see app/tasks/credentials.py.
     credentials_encrypted: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
     timeout: int = 300
     priority: int = 0
     # pending | assigned | running | succeeded | failed | cancelled | timed_out
     status: str = Field(default="pending", max_length=16)
-    created_at: dt.datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False)
+    )
     assigned_at: dt.datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
     started_at: dt.datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
     completed_at: dt.datetime | None = Field(default=None, sa_column=Column(UTCDateTime))

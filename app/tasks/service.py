@@ -55,7 +55,9 @@ def create_for_agent(
     if agent is None:
         raise NotFound(f"agent {agent_id} not found")
     if agent.status == "offline":
-        raise ServiceUnavailable(f"agent {agent_id} is offline", retry_after=settings.heartbeat_interval)
+        raise ServiceUnavailable(
+            f"agent {agent_id} is offline", retry_after=settings.heartbeat_interval
+        )
     task = new_task(
         settings=settings,
         cipher=cipher,
@@ -226,8 +228,12 @@ def append_logs(*, session: Session, task_id: uuid.UUID, lines: Sequence[LogLine
         session.execute(
             insert(TaskLog),
             [
-                {"task_id": task_id, "timestamp": line.timestamp, "level": line.level,
-                 "message": line.message}
+                {
+                    "task_id": task_id,
+                    "timestamp": line.timestamp,
+                    "level": line.level,
+                    "message": line.message,
+                }
                 for line in lines
             ],
         )
@@ -291,7 +297,9 @@ def get_view(*, session: Session, task_id: uuid.UUID) -> TaskView:
         progress=task.progress,
         progress_message=task.progress_message,
         result=task.result,
-        logs=[LogLine(timestamp=log.timestamp, level=log.level, message=log.message) for log in logs],
+        logs=[
+            LogLine(timestamp=log.timestamp, level=log.level, message=log.message) for log in logs
+        ],
         error=task.error,
     )
 
