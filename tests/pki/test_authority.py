@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pki.authority import (
-    SERVER_CERT_LIFETIME,
     SERVER_CERT_MIN_REMAINING,
     CertificateAuthority,
     PkiError,
     PkiFiles,
     load_or_create_pki,
 )
+from pki.issue import SERVER_CERT_LIFETIME
 
 FLEET_FILES = ("ca_cert", "ca_key", "jwt_key", "credentials_key")
 PRIVATE_FILES = ("ca_key", "jwt_key", "credentials_key")

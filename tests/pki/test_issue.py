@@ -12,9 +12,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki.authority import SERVER_CERT_LIFETIME, CertificateAuthority, load_or_create_pki
+from pki.authority import CertificateAuthority, load_or_create_pki
 from pki.issue import (
     BACKDATE,
+    SERVER_CERT_LIFETIME,
     issue_client_certificate,
     issue_server_certificate,
     san_entries,
