@@ -151,7 +151,7 @@ def start_stack(tmp: Path, database_url: str, **overrides: Any) -> Iterator[Stac
     settings = Settings(
         data_dir=tmp,
         database_url=database_url,
-        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
+        admin_token=ADMIN_TOKEN,
         **overrides,
     )
     runtime = build_runtime(settings)

@@ -1,0 +1,1 @@
+"""Serving the app: uvicorn configuration and its TLS (mTLS) glue."""
