@@ -118,7 +118,9 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    title = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, "Error")
+    title = {404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large"}.get(
+        exc.status_code, "Error"
+    )
     detail = exc.detail if isinstance(exc.detail, str) else title
     return problem(exc.status_code, title, detail, headers=dict(exc.headers or {}))
 

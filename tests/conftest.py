@@ -28,6 +28,7 @@ import pytest
 import uvicorn
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from app import migrate
 from app.db import make_engine
@@ -68,41 +69,54 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _postgres_database(worker_id: str) -> str:
-    admin = make_url(POSTGRES_URL)
-    name = f"stella_test_{worker_id}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+def _postgres_admin(statement: str) -> None:
+    engine = create_engine(make_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # any failure to connect means "unreachable"
-        service_unavailable(f"PostgreSQL at {admin.render_as_string()} is unreachable: {exc}")
+            connection.execute(text(statement))
     finally:
         engine.dispose()
-    return admin.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
-def database_url(backend: str, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> str:
-    """An empty, migrated database of the backend under test."""
+def database_url(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> Iterator[str]:
+    """An empty, migrated database of the backend under test, private to this process."""
+    name = f"stella_test_{worker_id}_{os.getpid()}"
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'stella.db'}"
     else:
-        url = _postgres_database(worker_id)
+        try:
+            _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            _postgres_admin(f'CREATE DATABASE "{name}"')
+        except Exception as exc:  # any failure to connect means "unreachable"
+            service_unavailable(f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc}")
+        url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     engine = make_engine(url)
     migrate.upgrade(engine)
     engine.dispose()
-    return url
+    yield url
+    if backend == "postgresql":
+        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def truncate(runtime: Runtime) -> None:
-    with runtime.engine.begin() as connection:
-        if runtime.engine.dialect.name == "postgresql":
-            connection.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
-        else:
-            for table in TABLES:
-                connection.execute(text(f"DELETE FROM {table}"))  # noqa: S608  (fixed names)
+    """Empty every table. A job of the previous test may still hold row locks
+    (an expansion finishing in a worker): TRUNCATE can deadlock with it, so retry."""
+    for attempt in range(5):
+        try:
+            with runtime.engine.begin() as connection:
+                if runtime.engine.dialect.name == "postgresql":
+                    connection.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+                else:
+                    for table in TABLES:
+                        connection.execute(text(f"DELETE FROM {table}"))  # noqa: S608
+            return
+        except OperationalError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
 
 
 # --- the server ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import uuid
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col
 
 from app.agents import selectors
@@ -173,6 +174,9 @@ def update(*, session: Session, agent_id: uuid.UUID, changes: AgentUpdate) -> Ag
             session.flush()
     except IntegrityError as exc:
         raise Conflict(f"agent name {changes.name!r} is already registered") from exc
+    except StaleDataError as exc:
+        # Deleted by a concurrent request after we read it.
+        raise NotFound(f"agent {agent_id} not found") from exc
     return detail(session=session, agent_id=agent_id)
 
 
@@ -214,7 +218,11 @@ def heartbeat(
         agent.capabilities = list(report.capabilities)
     agent.running_tasks = report.running_tasks
     session.add(agent)
-    session.flush()
+    try:
+        session.flush()
+    except StaleDataError as exc:
+        # Deleted by a concurrent request after authentication read it.
+        raise Unauthorized("agent is not registered") from exc
     claimed = tasks_service.claim_pending(session=session, agent_id=agent.id)
     renewal = certs_service.renewal_for(
         session=session,

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import problem
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised by `receive` once a streamed body passes the limit.
+
+    An HTTPException: FastAPI re-raises those from its body reading as they
+    are (any other error there becomes a 400), and the error handlers answer 413.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(
+            413, f"request body exceeds {max_bytes} bytes", headers={"Connection": "close"}
+        )
 
 
 class BodyLimitMiddleware:
@@ -35,7 +45,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    raise _TooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:

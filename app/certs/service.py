@@ -56,6 +56,9 @@ def renewal_for(
     window = dt.timedelta(seconds=settings.cert_renewal_window)
     if presented_not_after - now > window:
         return None
+    # Re-read what is stored now: a concurrent heartbeat (or the sweep) may have
+    # renewed since authentication loaded the row; hand that out, sign no second one.
+    session.refresh(agent, ["cert_pem", "cert_serial", "cert_not_after"])
     if agent.cert_not_after > presented_not_after and agent.cert_not_after - now > window:
         return IssuedCertificate(
             pem=agent.cert_pem, serial=agent.cert_serial, not_after=agent.cert_not_after

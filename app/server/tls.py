@@ -240,6 +240,12 @@ def uvicorn_config(
             "ssl_cert_reqs": ssl.CERT_OPTIONAL,
             "ssl_context_factory": _tls12_or_newer,
         }
+    # scope["client"] stays the TCP peer: the trusted-proxy check of the client
+    # certificate header (app/auth/client_cert.py) is about who sent the header.
+    # uvicorn's default rewrites it from X-Forwarded-For (sent from 127.0.0.1 or
+    # FORWARDED_ALLOW_IPS), which refuses agents behind a local proxy and lets a
+    # forged X-Forwarded-For pass a header certificate off as the proxy's.
+    extra.setdefault("proxy_headers", False)
     # Our classes also without TLS: one code path, and the mixin then adds nothing.
     # Classes rather than import strings: they pickle by reference for --workers.
     return uvicorn.Config(

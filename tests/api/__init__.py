@@ -1,0 +1,1 @@
+"""Tests of the API surface as a whole: errors, health, documentation, the CA certificate."""

@@ -1,0 +1,1 @@
+"""Tests of agent authentication: JWT, client certificate, trusted-proxy header."""

@@ -1,0 +1,1 @@
+"""Tests of selector dispatches: acceptance, fan-out and idempotent expansion."""
