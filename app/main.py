@@ -10,7 +10,6 @@ from fastapi import FastAPI
 from app.agents.router import router as agents_router
 from app.api.body_limit import BodyLimitMiddleware
 from app.certs.router import router as certs_router
-from app.dispatch import service as dispatch_service
 from app.dispatch.router import router as dispatch_router
 from app.errors import install_error_handlers
 from app.health.router import router as health_router
@@ -26,9 +25,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     settings = settings or get_settings()
     runtime = runtime or build_runtime(settings)
     bound_runtime = runtime
-    runtime.dispatch_runner.bind(
-        lambda dispatch_id: dispatch_service.expand(runtime=bound_runtime, dispatch_id=dispatch_id)
-    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

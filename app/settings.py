@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     task_default_timeout: int = Field(300, ge=1)
 
+    # Fan-out: agents per committed batch, and an optional pause between
+    # batches so that a dispatch to a large fleet does not hit every agent
+    # (and the registry they pull from) in the same second.
+    fanout_batch_size: int = Field(500, ge=1, le=5000)
+    fanout_batch_interval: float = Field(0.0, ge=0, le=60)
+    # A dispatch whose expansion made no progress for this long is re-driven.
+    dispatch_stall_after: int = Field(60, ge=1)
+    # Prefix for every broker key (Redis), to share one Redis between installs.
+    broker_key_prefix: str = ""
+
     @field_validator("server_names", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

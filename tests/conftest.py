@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import uvicorn
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -36,6 +37,7 @@ from app.main import create_app
 from app.runtime import Runtime, build_runtime
 from app.server.tls import uvicorn_config
 from app.settings import Settings
+from tests.processes import start_worker
 
 REQUIRE_SERVICES = os.environ.get("STELLA_TEST_REQUIRE_SERVICES") == "1"
 POSTGRES_URL = os.environ.get(
@@ -160,12 +162,44 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def start_stack(tmp: Path, database_url: str, **overrides: Any) -> Iterator[Stack]:
-    """Serve the app for `database_url` over mutual TLS on a free port."""
+REDIS_URL = os.environ.get("STELLA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def require_redis() -> str:
+    """The test Redis URL, or a loud skip (a failure under STELLA_TEST_REQUIRE_SERVICES=1)."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        service_unavailable(f"Redis at {REDIS_URL} is unreachable: {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+def drop_redis_keys(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+def start_stack(
+    tmp: Path, database_url: str, *, broker: str = "embedded", worker: bool = True, **overrides: Any
+) -> Iterator[Stack]:
+    """Serve the app for `database_url` over mutual TLS on a free port, with a real
+    Celery worker on `broker` ("embedded": the filesystem transport; "redis")."""
+    broker_settings: dict[str, Any] = {}
+    if broker == "redis":
+        prefix = f"stella-test-{os.getpid()}-{tmp.name}-"
+        broker_settings = {"broker_url": require_redis(), "broker_key_prefix": prefix}
     settings = Settings(
         data_dir=tmp,
         database_url=database_url,
         admin_token=ADMIN_TOKEN,
+        **broker_settings,
         **overrides,
     )
     runtime = build_runtime(settings)
@@ -183,19 +217,31 @@ def start_stack(tmp: Path, database_url: str, **overrides: Any) -> Iterator[Stac
         log_level="warning",
         lifespan="on",
     )
-    with ServerThread(config):
-        yield Stack(
-            settings=settings,
-            runtime=runtime,
-            base_url=f"https://127.0.0.1:{port}",
-            ca_file=runtime.ca.files.ca_cert,
-            tmp=tmp,
-        )
+    workers = [start_worker(settings, tmp / "worker.log", name=f"w-{tmp.name}")] if worker else []
+    try:
+        with ServerThread(config):
+            yield Stack(
+                settings=settings,
+                runtime=runtime,
+                base_url=f"https://127.0.0.1:{port}",
+                ca_file=runtime.ca.files.ca_cert,
+                tmp=tmp,
+            )
+    finally:
+        for process in workers:
+            process.stop()
+        if broker == "redis":
+            drop_redis_keys(broker_settings["broker_key_prefix"])
 
 
 @pytest.fixture(scope="session")
-def _stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from start_stack(tmp_path_factory.mktemp("stack"), database_url)
+def _stack(
+    backend: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    # The embedded defaults together (SQLite, filesystem broker), and the
+    # production pair (PostgreSQL, Redis).
+    broker = "embedded" if backend == "sqlite" else "redis"
+    yield from start_stack(tmp_path_factory.mktemp("stack"), database_url, broker=broker)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import db, serve, tokens
+from app.cli import db, dev, flower, serve, tokens, worker
 
 cli = typer.Typer(
     name="stella",
@@ -14,6 +14,10 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
 )
 cli.command("serve")(serve.serve)
+cli.command("worker")(worker.worker)
+cli.command("beat")(worker.beat)
+cli.command("flower")(flower.flower)
+cli.command("dev")(dev.dev)
 cli.add_typer(tokens.cli, name="tokens")
 cli.add_typer(db.cli, name="db")
 

@@ -1,13 +1,15 @@
 """Selector dispatches: accepted at once, expanded in batches behind the request.
 
 The dispatch row is the truth and holds the payload and the (encrypted)
-credentials; whatever runs the expansion receives only the dispatch id.
+credentials; the Celery job that runs the expansion receives only the
+dispatch id, so neither the broker nor Flower ever sees a payload.
 Expansion is idempotent: the unique (dispatch_id, agent_id) key makes a
 second run, or a run resumed after a crash, create only the missing tasks.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from sqlalchemy import Engine, select, update
@@ -16,13 +18,13 @@ from sqlmodel import Session, col
 from app.agents import selectors
 from app.db import after_commit, insert_ignoring_conflicts, transaction
 from app.errors import NotFound, ServiceUnavailable
+from app.jobs import EXPAND_DISPATCH
 from app.models import Agent, Dispatch, Task
 from app.models.types import utcnow
 from app.runtime import Runtime
 from app.tasks import service as tasks_service
 from app.tasks.schemas import DispatchAccepted, DispatchView, TaskCreate, TaskRef, TasksCreated
 
-EXPAND_BATCH = 500
 # Fan-out goes to agents that report healthy; `degraded` ones are left out.
 DISPATCHABLE_STATUS = "online"
 
@@ -79,16 +81,19 @@ def create(*, session: Session, runtime: Runtime, spec: TaskCreate) -> Dispatch:
     )
     session.add(dispatch)
     session.flush()
-    runner = runtime.dispatch_runner
-    after_commit(session, lambda: runner.submit(dispatch_id))
+    jobs = runtime.jobs
+    after_commit(session, lambda: jobs.enqueue(EXPAND_DISPATCH, str(dispatch_id)))
     return dispatch
 
 
-def expand(*, runtime: Runtime, dispatch_id: uuid.UUID, batch_size: int = EXPAND_BATCH) -> int:
+def expand(*, runtime: Runtime, dispatch_id: uuid.UUID, batch_size: int | None = None) -> int:
     """Create the dispatch's missing tasks, a committed batch at a time; returns how many.
 
-    Safe to run twice at once or again after a crash midway.
+    Safe to run twice at once or again after a crash midway. Each batch also
+    touches `updated_at`, the progress mark the re-drive sweep watches.
     """
+    settings = runtime.settings
+    batch_size = batch_size or settings.fanout_batch_size
     engine: Engine = runtime.engine
     with transaction(engine) as session:
         started = session.scalars(
@@ -110,9 +115,12 @@ def expand(*, runtime: Runtime, dispatch_id: uuid.UUID, batch_size: int = EXPAND
             agent_ids = _next_batch(session, dispatch, after_agent, batch_size)
             if agent_ids:
                 created += _create_tasks(session, runtime, dispatch, agent_ids)
+            _touch(session, dispatch_id)
         if len(agent_ids) < batch_size:
             break
         after_agent = agent_ids[-1]
+        if settings.fanout_batch_interval:
+            time.sleep(settings.fanout_batch_interval)
     with transaction(engine) as session:
         session.execute(
             update(Dispatch)
@@ -120,6 +128,14 @@ def expand(*, runtime: Runtime, dispatch_id: uuid.UUID, batch_size: int = EXPAND
             .values(status="done", updated_at=utcnow(), completed_at=utcnow())
         )
     return created
+
+
+def _touch(session: Session, dispatch_id: uuid.UUID) -> None:
+    session.execute(
+        update(Dispatch)
+        .where(col(Dispatch.id) == dispatch_id, col(Dispatch.status) == "expanding")
+        .values(updated_at=utcnow())
+    )
 
 
 def _next_batch(

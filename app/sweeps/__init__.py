@@ -1,0 +1,1 @@
+"""The periodic sweeps beat schedules and workers run."""

@@ -1,0 +1,194 @@
+"""Sweeps: set-based, guarded, idempotent.
+
+Each sweep is a guarded UPDATE (or DELETE) … RETURNING, so two beats by
+mistake, or two overlapping runs, change every row at most once, and only
+the rows a run actually changed are announced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import delete, or_, select, update
+from sqlmodel import Session, col
+
+from app.certs import service as certs_service
+from app.db import after_commit
+from app.jobs import EXPAND_DISPATCH, JobQueue
+from app.models import Agent, Dispatch, RegistrationToken, Task
+from app.models.types import utcnow
+from app.notify import AgentEvent, Notifier
+from app.settings import Settings
+from pki import CertificateAuthority, load_public_key_pem
+
+LIVE_STATUSES = ("online", "degraded")
+RUNNING_STATUSES = ("assigned", "running")
+RENEWAL_BATCH = 500
+
+
+def mark_offline(
+    *, session: Session, settings: Settings, now: dt.datetime | None = None
+) -> list[uuid.UUID]:
+    """Agents silent for STELLA_OFFLINE_AFTER_MISSED intervals become offline.
+
+    One statement over the (status, last_heartbeat) index: its cost follows
+    the number of stale agents, not the size of the fleet.
+    """
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=settings.heartbeat_interval * settings.offline_after_missed)
+    rows = session.execute(
+        update(Agent)
+        .where(col(Agent.status).in_(LIVE_STATUSES), col(Agent.last_heartbeat) < cutoff)
+        .values(status="offline")
+        .returning(col(Agent.id)),
+        execution_options={"synchronize_session": False},
+    )
+    return [row[0] for row in rows]
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    task_id: uuid.UUID
+    agent_id: uuid.UUID
+
+
+def time_out_tasks(
+    *, session: Session, notifier: Notifier, now: dt.datetime | None = None
+) -> list[TimedOut]:
+    """Tasks not finished within `timeout` seconds of assignment become timed_out.
+
+    Candidates are read first (work in flight only), then ended by a guarded
+    UPDATE: a task completed meanwhile, or ended by an overlapping sweep, is
+    left alone. Each agent is told to stop its task.
+    """
+    now = now or utcnow()
+    candidates = session.execute(
+        select(col(Task.id), col(Task.assigned_at), col(Task.timeout)).where(
+            col(Task.status).in_(RUNNING_STATUSES)
+        )
+    ).all()
+    expired = [
+        task_id
+        for task_id, assigned_at, timeout in candidates
+        if assigned_at is not None and assigned_at + dt.timedelta(seconds=timeout) <= now
+    ]
+    if not expired:
+        return []
+    rows = session.execute(
+        update(Task)
+        .where(col(Task.id).in_(expired), col(Task.status).in_(RUNNING_STATUSES))
+        .values(
+            status="timed_out",
+            completed_at=now,
+            error="task did not finish within its timeout",
+            credentials_encrypted=None,
+        )
+        .returning(col(Task.id), col(Task.agent_id)),
+        execution_options={"synchronize_session": False},
+    ).all()
+    ended = [TimedOut(task_id=task_id, agent_id=agent_id) for task_id, agent_id in rows]
+
+    def announce() -> None:
+        for item in ended:
+            notifier.publish(
+                AgentEvent("task_cancelled", agent_id=item.agent_id, task_id=item.task_id)
+            )
+
+    after_commit(session, announce)
+    return ended
+
+
+def issue_renewals(
+    *,
+    session: Session,
+    ca: CertificateAuthority,
+    settings: Settings,
+    now: dt.datetime | None = None,
+    limit: int = RENEWAL_BATCH,
+) -> int:
+    """Issue ahead of time the renewals of live agents about to enter the renewal window.
+
+    A heartbeat inside the window then hands out the stored certificate
+    instead of signing on the hot path. The UPDATE is guarded by the serial
+    it replaces, so two overlapping runs issue one renewal per agent.
+    """
+    now = now or utcnow()
+    lead = dt.timedelta(seconds=settings.cert_renewal_window + 2 * settings.resolved_sweep_interval)
+    due = session.execute(
+        select(col(Agent.id), col(Agent.public_key_pem), col(Agent.cert_serial))
+        .where(col(Agent.status).in_(LIVE_STATUSES), col(Agent.cert_not_after) < now + lead)
+        .order_by(col(Agent.cert_not_after))
+        .limit(limit)
+    ).all()
+    renewed = 0
+    for agent_id, public_key_pem, serial in due:
+        issued = certs_service.issue(
+            ca=ca,
+            settings=settings,
+            agent_id=agent_id,
+            public_key=load_public_key_pem(public_key_pem),
+        )
+        result = session.execute(
+            update(Agent)
+            .where(col(Agent.id) == agent_id, col(Agent.cert_serial) == serial)
+            .values(cert_pem=issued.pem, cert_serial=issued.serial, cert_not_after=issued.not_after)
+            .returning(col(Agent.id)),
+            execution_options={"synchronize_session": False},
+        ).first()
+        renewed += result is not None
+    return renewed
+
+
+def purge_tokens(*, session: Session, now: dt.datetime | None = None) -> int:
+    """Delete registration tokens that can never be used again."""
+    now = now or utcnow()
+    rows = session.execute(
+        delete(RegistrationToken)
+        .where(
+            or_(
+                col(RegistrationToken.expires_at) <= now,
+                col(RegistrationToken.used_at).is_not(None),
+            )
+        )
+        .returning(col(RegistrationToken.id))
+    ).all()
+    return len(rows)
+
+
+def redrive_dispatches(
+    *, session: Session, settings: Settings, jobs: JobQueue, now: dt.datetime | None = None
+) -> list[uuid.UUID]:
+    """Enqueue again the expansion of dispatches that made no progress for a while.
+
+    A worker killed mid-expansion, or a wake-up lost on the broker, leaves a
+    dispatch pending or expanding; expansion is idempotent, so driving it
+    again creates only the missing tasks. The touch of `updated_at` is
+    guarded, so two overlapping sweeps re-drive a dispatch once.
+    """
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=settings.dispatch_stall_after)
+    stalled = session.execute(
+        select(col(Dispatch.id), col(Dispatch.updated_at)).where(
+            col(Dispatch.status).in_(("pending", "expanding")), col(Dispatch.updated_at) < cutoff
+        )
+    ).all()
+    redriven: list[uuid.UUID] = []
+    for dispatch_id, updated_at in stalled:
+        touched = session.execute(
+            update(Dispatch)
+            .where(col(Dispatch.id) == dispatch_id, col(Dispatch.updated_at) == updated_at)
+            .values(updated_at=now)
+            .returning(col(Dispatch.id)),
+            execution_options={"synchronize_session": False},
+        ).first()
+        if touched is not None:
+            redriven.append(dispatch_id)
+
+    def enqueue() -> None:
+        for dispatch_id in redriven:
+            jobs.enqueue(EXPAND_DISPATCH, str(dispatch_id))
+
+    after_commit(session, enqueue)
+    return redriven

@@ -1,0 +1,1 @@
+"""Celery beat: the schedule of the periodic sweeps."""

@@ -1,0 +1,1 @@
+"""Celery workers: thin jobs that call the services in `app/`."""

@@ -1,0 +1,16 @@
+"""The worker process's Runtime, built on first use (after the prefork fork)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from app.db import transaction
+from app.runtime import Runtime, build_runtime
+from app.settings import get_settings
+
+__all__ = ["runtime", "transaction"]
+
+
+@lru_cache(maxsize=1)
+def runtime() -> Runtime:
+    return build_runtime(get_settings())
