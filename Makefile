@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make run    install, migrate and serve on the embedded defaults (SQLite, HTTPS + mTLS)
+#   make run    install, then `stella dev`: web, worker and beat on the embedded defaults
 #   make test   install, then lint, type-check and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,13 +19,7 @@ $(BIN)/stella: pyproject.toml
 install: $(BIN)/stella
 
 run: install
-	@mkdir -p $(STELLA_DATA_DIR)
-	@test -n "$$STELLA_ADMIN_TOKEN" || test -s $(STELLA_DATA_DIR)/admin-token || \
-		(umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))' > $(STELLA_DATA_DIR)/admin-token)
-	$(BIN)/stella db upgrade
-	@export STELLA_ADMIN_TOKEN="$${STELLA_ADMIN_TOKEN:-$$(cat $(STELLA_DATA_DIR)/admin-token)}"; \
-		echo "admin token: $$STELLA_ADMIN_TOKEN   (CA: $(STELLA_DATA_DIR)/pki/ca.pem)"; \
-		exec $(BIN)/stella serve --tls --host $(HOST) --port $(PORT)
+	$(BIN)/stella dev --host $(HOST) --port $(PORT)
 
 check: install
 	$(BIN)/ruff format --check .
