@@ -12,17 +12,17 @@ Job names:
     sweeps.issue_renewals()           certificates entering the renewal window
     sweeps.purge_tokens()             expired and used registration tokens
     sweeps.redrive_dispatches()       dispatches whose expansion stalled
+    sweeps.prune_embedded_broker()    stale monitoring messages (embedded broker only)
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any, Protocol
 
 from celery import Celery
 
+from app import embedded_broker
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,8 @@ class CeleryJobQueue:
         self.celery.send_task(name, args=list(args))
 
 
-def embedded_broker_dir(settings: Settings) -> Path:
-    return settings.data_dir / "broker"
-
-
 def broker_url(settings: Settings) -> str:
-    """The configured broker, or kombu's filesystem transport in the data dir.
-
-    The filesystem transport needs no server, works across processes and
-    supports fanout (so `celery inspect` and Flower see the workers).
-    """
+    """The configured broker, or the embedded one (app/embedded_broker.py)."""
     return settings.broker_url or "filesystem://"
 
 
@@ -62,19 +54,8 @@ def uses_embedded_broker(settings: Settings) -> bool:
 
 
 def prepare_embedded_broker(settings: Settings, *, consumer: bool) -> None:
-    """Create the embedded broker's folders; in consuming processes (worker,
-    Flower), keep its temp moves on the same disk.
-
-    kombu moves each consumed message file through the temp dir; a temp dir
-    on another filesystem turns that move into copy-then-delete.
-    """
-    if not uses_embedded_broker(settings):
-        return
-    root = embedded_broker_dir(settings)
-    for folder in ("queue", "control", "tmp"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    if consumer:
-        tempfile.tempdir = str(root / "tmp")
+    if uses_embedded_broker(settings):
+        embedded_broker.prepare(settings, consumer=consumer)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -107,13 +88,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
     }
     if uses_embedded_broker(settings):
-        root = embedded_broker_dir(settings)
-        config["broker_transport_options"] = {
-            "data_folder_in": str(root / "queue"),
-            "data_folder_out": str(root / "queue"),
-            "control_folder": str(root / "control"),
-            "polling_interval": 0.1,
-        }
+        config["broker_transport_options"] = embedded_broker.transport_options(settings)
     elif settings.broker_key_prefix:
         config["broker_transport_options"] = {"global_keyprefix": settings.broker_key_prefix}
     return config

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.jobs import uses_embedded_broker
 from app.settings import Settings
 
 TOKEN_PURGE_INTERVAL = 600.0
+BROKER_PRUNE_INTERVAL = 300.0
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -22,6 +24,8 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "redrive-dispatches": ("sweeps.redrive_dispatches", sweep),
         "purge-tokens": ("sweeps.purge_tokens", TOKEN_PURGE_INTERVAL),
     }
+    if uses_embedded_broker(settings):
+        entries["prune-embedded-broker"] = ("sweeps.prune_embedded_broker", BROKER_PRUNE_INTERVAL)
     return {
         name: {"task": job, "schedule": interval, "options": {"expires": interval}}
         for name, (job, interval) in entries.items()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from app import embedded_broker
 from app.sweeps import service
 from workers.celery_app import celery_app
 from workers.runtime import runtime, transaction
@@ -53,3 +54,11 @@ def redrive_dispatches() -> int:
     if redriven:
         log.warning("re-driving %d stalled dispatches", len(redriven))
     return len(redriven)
+
+
+@celery_app.task(name="sweeps.prune_embedded_broker")  # type: ignore[untyped-decorator]
+def prune_embedded_broker() -> int:
+    pruned = embedded_broker.prune(runtime().settings)
+    if pruned:
+        log.info("pruned %d stale monitoring messages from the embedded broker", pruned)
+    return pruned
