@@ -88,6 +88,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
     }
     if uses_embedded_broker(settings):
+        config["broker_transport"] = embedded_broker.TRANSPORT
         config["broker_transport_options"] = embedded_broker.transport_options(settings)
     elif settings.broker_key_prefix:
         config["broker_transport_options"] = {"global_keyprefix": settings.broker_key_prefix}

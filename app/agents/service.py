@@ -7,6 +7,7 @@ import uuid
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import flag_modified
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col
 
@@ -212,6 +213,9 @@ def heartbeat(
     agent.last_heartbeat = utcnow()
     agent.reported_status = report.status
     agent.status = "online" if report.status == "healthy" else "degraded"
+    # Always write the status: the ORM skips a value equal to the one read at
+    # authentication, and the offline sweep may have changed the row since.
+    flag_modified(agent, "status")
     if report.resource_usage is not None:
         agent.resource_usage = report.resource_usage.model_dump(exclude_none=True)
     if report.capabilities is not None:
