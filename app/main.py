@@ -13,8 +13,11 @@ from app.certs.router import router as certs_router
 from app.dispatch.router import router as dispatch_router
 from app.errors import install_error_handlers
 from app.health.router import router as health_router
+from app.notify import LocalNotifier
 from app.runtime import Runtime, build_runtime
 from app.settings import Settings, get_settings
+from app.stream.hub import Hub, LocalHub, RedisHub
+from app.stream.router import router as stream_router
 from app.tasks.router import agent_router as agent_tasks_router
 from app.tasks.router import operator_router as tasks_router
 from app.tokens.router import router as tokens_router
@@ -26,9 +29,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     runtime = runtime or build_runtime(settings)
     bound_runtime = runtime
 
+    hub = make_hub(runtime)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await hub.start()
         yield
+        await hub.stop()
         bound_runtime.close()
 
     app = FastAPI(
@@ -38,6 +45,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.hub = hub
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     for router in (
@@ -48,6 +56,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         agent_tasks_router,
         tasks_router,
         dispatch_router,
+        stream_router,
     ):
         app.include_router(router)
     return app
+
+
+def make_hub(runtime: Runtime) -> Hub:
+    """Redis pub/sub across processes where STELLA_REDIS_URL is set, else this process only."""
+    settings = runtime.settings
+    if settings.redis_url:
+        return RedisHub(settings.redis_url, prefix=settings.broker_key_prefix)
+    assert isinstance(runtime.notifier, LocalNotifier)
+    return LocalHub(runtime.notifier)

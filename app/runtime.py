@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from app.auth.agent_token import AgentTokenSigner
 from app.db import make_engine
 from app.jobs import CeleryJobQueue, JobQueue, make_celery, prepare_embedded_broker
-from app.notify import LocalNotifier, Notifier
+from app.notify import LocalNotifier, Notifier, RedisNotifier
 from app.settings import Settings
 from app.tasks.credentials import CredentialCipher
 from pki import CertificateAuthority, load_or_create_pki
@@ -38,6 +38,11 @@ def build_runtime(settings: Settings) -> Runtime:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ca = load_or_create_pki(settings.resolved_pki_dir)
     prepare_embedded_broker(settings, consumer=False)
+    notifier: Notifier = (
+        RedisNotifier(settings.redis_url, prefix=settings.broker_key_prefix)
+        if settings.redis_url
+        else LocalNotifier()
+    )
     return Runtime(
         settings=settings,
         engine=make_engine(settings.resolved_database_url),
@@ -45,4 +50,5 @@ def build_runtime(settings: Settings) -> Runtime:
         token_signer=AgentTokenSigner(ca.jwt_key),
         cipher=CredentialCipher(ca.credentials_key),
         jobs=CeleryJobQueue(make_celery(settings)),
+        notifier=notifier,
     )

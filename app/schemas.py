@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     PlainSerializer,
@@ -19,8 +20,15 @@ def _rfc3339(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    # A timestamp without an offset is taken as UTC, like the seed's examples.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
 # UTC, millisecond precision, "Z" suffix: 2026-01-10T14:23:45.123Z
-Timestamp = Annotated[dt.datetime, PlainSerializer(_rfc3339, return_type=str)]
+Timestamp = Annotated[
+    dt.datetime, AfterValidator(_as_utc), PlainSerializer(_rfc3339, return_type=str)
+]
 
 
 class ApiModel(BaseModel):

@@ -49,8 +49,19 @@ class Settings(BaseSettings):
     fanout_batch_interval: float = Field(0.0, ge=0, le=60)
     # A dispatch whose expansion made no progress for this long is re-driven.
     dispatch_stall_after: int = Field(60, ge=1)
-    # Prefix for every broker key (Redis), to share one Redis between installs.
+    # Prefix for every broker key and pub/sub channel (Redis), to share one
+    # Redis between installations.
     broker_key_prefix: str = ""
+
+    # Task stream: the largest message an agent may send, how many messages a
+    # second it may send on average (bursts up to `stream_burst`), and the
+    # interval of WebSocket pings.
+    stream_max_message_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    stream_messages_per_second: float = Field(50.0, gt=0)
+    stream_burst: int = Field(200, ge=1)
+    stream_ping_interval: float = Field(20.0, gt=0)
+    # Log bytes kept per task; later lines are dropped behind one marker line.
+    task_log_max_bytes: int = Field(1024 * 1024, ge=1024)
 
     @field_validator("server_names", "trusted_proxies", mode="before")
     @classmethod

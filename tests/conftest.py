@@ -35,6 +35,7 @@ from app import migrate
 from app.db import make_engine
 from app.main import create_app
 from app.runtime import Runtime, build_runtime
+from app.server.options import websocket_options
 from app.server.tls import uvicorn_config
 from app.settings import Settings
 from tests.processes import start_worker
@@ -194,7 +195,12 @@ def start_stack(
     broker_settings: dict[str, Any] = {}
     if broker == "redis":
         prefix = f"stella-test-{os.getpid()}-{tmp.name}-"
-        broker_settings = {"broker_url": require_redis(), "broker_key_prefix": prefix}
+        # Redis carries both the jobs and the streams' pub/sub, as in production.
+        broker_settings = {
+            "broker_url": require_redis(),
+            "redis_url": REDIS_URL,
+            "broker_key_prefix": prefix,
+        }
     settings = Settings(
         data_dir=tmp,
         database_url=database_url,
@@ -216,6 +222,7 @@ def start_stack(
         server_key_file=key,
         log_level="warning",
         lifespan="on",
+        **websocket_options(settings),
     )
     workers = [start_worker(settings, tmp / "worker.log", name=f"w-{tmp.name}")] if worker else []
     try:

@@ -8,6 +8,7 @@ import typer
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from app.server.options import websocket_options
 from app.server.tls import uvicorn_config
 from app.settings import get_settings
 from pki import PkiError, load_or_create_pki
@@ -43,6 +44,7 @@ def serve(
         server_key_file=server_key,
         workers=workers,
         log_level=log_level,
+        **websocket_options(settings),
     )
     if workers == 1:
         uvicorn.Server(config).run()

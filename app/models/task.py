@@ -6,6 +6,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -46,3 +47,6 @@ class Task(SQLModel, table=True):
     progress_message: str | None = Field(default=None, max_length=1024)
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
     error: str | None = Field(default=None, max_length=4096)
+    # Bytes of log messages stored so far, against STELLA_TASK_LOG_MAX_BYTES.
+    log_bytes: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    log_truncated: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})

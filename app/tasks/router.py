@@ -42,10 +42,20 @@ def poll_tasks(caller: SelfAgentDep, session: SessionDep, runtime: RuntimeDep) -
 
 @agent_router.post("/{taskId}/complete", responses=problems(401, 403, 404, 409, 422))
 def complete_task(
-    task_id: TaskIdPath, body: TaskComplete, caller: SelfAgentDep, session: SessionDep
+    task_id: TaskIdPath,
+    body: TaskComplete,
+    caller: SelfAgentDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
 ) -> Acknowledged:
     """Report the outcome; repeating the same outcome is acknowledged again."""
-    service.complete(session=session, agent_id=caller.agent.id, task_id=task_id, report=body)
+    service.complete(
+        session=session,
+        settings=runtime.settings,
+        agent_id=caller.agent.id,
+        task_id=task_id,
+        report=body,
+    )
     return Acknowledged()
 
 

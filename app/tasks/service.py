@@ -11,7 +11,7 @@ import datetime as dt
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlmodel import Session, col
 
 from app.db import after_commit
@@ -184,7 +184,12 @@ def open_tasks_for_agent(
 
 
 def complete(
-    *, session: Session, agent_id: uuid.UUID, task_id: uuid.UUID, report: TaskComplete
+    *,
+    session: Session,
+    settings: Settings,
+    agent_id: uuid.UUID,
+    task_id: uuid.UUID,
+    report: TaskComplete,
 ) -> None:
     """Record the agent's outcome; a repeat of the same outcome is accepted again.
 
@@ -211,7 +216,7 @@ def complete(
         execution_options={"synchronize_session": False},
     ).first()
     if finished is not None:
-        append_logs(session=session, task_id=task_id, lines=report.logs)
+        append_logs(session=session, settings=settings, task_id=task_id, lines=report.logs)
         return
     task = session.get(Task, task_id)
     if task is None or task.agent_id != agent_id:
@@ -223,8 +228,49 @@ def complete(
     raise Conflict(f"task {task_id} already ended as {task.status}")
 
 
-def append_logs(*, session: Session, task_id: uuid.UUID, lines: Sequence[LogLine]) -> None:
-    if lines:
+def append_logs(
+    *, session: Session, settings: Settings, task_id: uuid.UUID, lines: Sequence[LogLine]
+) -> int:
+    """Store log lines within the task's byte budget; returns how many were kept.
+
+    The budget (STELLA_TASK_LOG_MAX_BYTES) is claimed by a guarded UPDATE, so
+    concurrent writers never overshoot it. The first line that does not fit
+    is replaced by one visible marker, once; later lines are dropped.
+    """
+    kept = []
+    for line in lines:
+        size = len(line.message.encode())
+        granted = session.execute(
+            update(Task)
+            .where(
+                col(Task.id) == task_id,
+                col(Task.log_truncated).is_(False),
+                col(Task.log_bytes) + size <= settings.task_log_max_bytes,
+            )
+            .values(log_bytes=col(Task.log_bytes) + size)
+            .returning(col(Task.id)),
+            execution_options={"synchronize_session": False},
+        ).first()
+        if granted is not None:
+            kept.append(line)
+            continue
+        truncated = session.execute(
+            update(Task)
+            .where(col(Task.id) == task_id, col(Task.log_truncated).is_(False))
+            .values(log_truncated=True)
+            .returning(col(Task.id)),
+            execution_options={"synchronize_session": False},
+        ).first()
+        if truncated is not None:
+            kept.append(
+                LogLine(
+                    timestamp=utcnow(),
+                    level="warning",
+                    message=f"[log truncated: over {settings.task_log_max_bytes} bytes]",
+                )
+            )
+        break
+    if kept:
         session.execute(
             insert(TaskLog),
             [
@@ -234,9 +280,63 @@ def append_logs(*, session: Session, task_id: uuid.UUID, lines: Sequence[LogLine
                     "level": line.level,
                     "message": line.message,
                 }
-                for line in lines
+                for line in kept
             ],
         )
+    return len(kept)
+
+
+def record_progress(
+    *,
+    session: Session,
+    agent_id: uuid.UUID,
+    task_id: uuid.UUID,
+    progress: int | None,
+    message: str | None,
+) -> None:
+    """The agent reports progress: the task is running; 404/409 as for completion."""
+    now = utcnow()
+    values: dict[str, object] = {"status": "running", "progress_message": message}
+    if progress is not None:
+        values["progress"] = progress
+    updated = session.execute(
+        update(Task)
+        .where(
+            col(Task.id) == task_id,
+            col(Task.agent_id) == agent_id,
+            col(Task.status).in_(("assigned", "running")),
+        )
+        .values(**values, started_at=func.coalesce(col(Task.started_at), now))
+        .returning(col(Task.id)),
+        execution_options={"synchronize_session": False},
+    ).first()
+    if updated is None:
+        _refuse_update(session=session, agent_id=agent_id, task_id=task_id)
+
+
+def append_agent_log(
+    *, session: Session, settings: Settings, agent_id: uuid.UUID, task_id: uuid.UUID, line: LogLine
+) -> None:
+    """A log line streamed by the agent for one of its unfinished tasks."""
+    owned = session.execute(
+        select(col(Task.id)).where(
+            col(Task.id) == task_id,
+            col(Task.agent_id) == agent_id,
+            col(Task.status).in_(("assigned", "running")),
+        )
+    ).first()
+    if owned is None:
+        _refuse_update(session=session, agent_id=agent_id, task_id=task_id)
+    append_logs(session=session, settings=settings, task_id=task_id, lines=[line])
+
+
+def _refuse_update(*, session: Session, agent_id: uuid.UUID, task_id: uuid.UUID) -> None:
+    task = session.get(Task, task_id)
+    if task is None or task.agent_id != agent_id:
+        raise NotFound(f"task {task_id} not found")
+    if task.status == "pending":
+        raise Conflict(f"task {task_id} was not delivered yet")
+    raise Conflict(f"task {task_id} already ended as {task.status}")
 
 
 def cancel(*, session: Session, notifier: Notifier, task_id: uuid.UUID) -> Task:

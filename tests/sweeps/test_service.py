@@ -28,7 +28,7 @@ from app.agents.schemas import Heartbeat
 from app.db import transaction
 from app.models import Agent, Dispatch, RegistrationToken, Task
 from app.models.types import utcnow
-from app.notify import AgentEvent
+from app.notify import AgentEvent, LocalNotifier
 from app.sweeps import service
 from app.tasks import service as tasks_service
 from app.tasks.schemas import TaskComplete
@@ -41,6 +41,9 @@ from pki import (
     public_key_pem,
 )
 from tests.conftest import AgentClient, Stack, agent_client
+
+# The sweeps announce through whatever notifier they are given; this one is observable.
+NOTIFIER = LocalNotifier()
 
 CREDENTIALS: dict[str, object] = {"registry.password": "sweep-s3cr3t-0b7e"}
 _names = itertools.count()
@@ -310,7 +313,7 @@ def task_row(
 
 @pytest.fixture
 def events(stack: Stack) -> Iterator[Callable[[Agent], list[AgentEvent]]]:
-    """Record what the runtime's notifier publishes for the agents asked about."""
+    """Record what the notifier publishes for the agents asked about."""
     unsubscribes: list[Callable[[], None]] = []
     lock = threading.Lock()
 
@@ -321,7 +324,7 @@ def events(stack: Stack) -> Iterator[Callable[[Agent], list[AgentEvent]]]:
             with lock:
                 received.append(event)
 
-        unsubscribes.append(stack.runtime.notifier.subscribe(agent.id, listener))
+        unsubscribes.append(NOTIFIER.subscribe(agent.id, listener))
         return received
 
     yield listen
@@ -347,9 +350,7 @@ class TestTimeOutTasks:
         insert(stack, completed, pending)
 
         with transaction(stack.runtime.engine) as session:
-            ended = service.time_out_tasks(
-                session=session, notifier=stack.runtime.notifier, now=now
-            )
+            ended = service.time_out_tasks(session=session, notifier=NOTIFIER, now=now)
 
         expected = {overdue_assigned.id, overdue_running.id}
         assert {item.task_id for item in ended} == expected
@@ -377,7 +378,7 @@ class TestTimeOutTasks:
         agent = agent_row(stack)
         insert(stack, agent, task_row(stack, agent, assigned_at=utcnow()))
         with transaction(stack.runtime.engine) as session:
-            ended = service.time_out_tasks(session=session, notifier=stack.runtime.notifier)
+            ended = service.time_out_tasks(session=session, notifier=NOTIFIER)
         assert ended == []
 
     def test_the_agent_is_told_after_commit_only(
@@ -393,9 +394,7 @@ class TestTimeOutTasks:
         heard = {agent.id: events(agent) for agent in (one, two, bystander)}
 
         with transaction(stack.runtime.engine) as session:
-            ended = service.time_out_tasks(
-                session=session, notifier=stack.runtime.notifier, now=now
-            )
+            ended = service.time_out_tasks(session=session, notifier=NOTIFIER, now=now)
             assert len(ended) == 3
             assert heard == {one.id: [], two.id: [], bystander.id: []}, "announced before commit"
 
@@ -414,7 +413,7 @@ class TestTimeOutTasks:
         insert(stack, agent, task)
         heard = events(agent)
         with Session(stack.runtime.engine) as session:
-            ended = service.time_out_tasks(session=session, notifier=stack.runtime.notifier)
+            ended = service.time_out_tasks(session=session, notifier=NOTIFIER)
             assert [item.task_id for item in ended] == [task.id]
             session.rollback()
         assert heard == []
@@ -437,7 +436,7 @@ class TestTimeOutTasks:
             try:
                 with transaction(stack.runtime.engine) as session:
                     outcome["ended"] = service.time_out_tasks(
-                        session=session, notifier=stack.runtime.notifier, now=now
+                        session=session, notifier=NOTIFIER, now=now
                     )
             except BaseException as exc:  # asserted below
                 outcome["error"] = exc
@@ -446,6 +445,7 @@ class TestTimeOutTasks:
         with transaction(stack.runtime.engine) as completer:
             tasks_service.complete(
                 session=completer,
+                settings=stack.settings,
                 agent_id=agent.id,
                 task_id=racing.id,
                 report=TaskComplete(success=True, result={"exitCode": 0}),
@@ -485,9 +485,7 @@ class TestTimeOutTasks:
 
         def sweep() -> list[service.TimedOut]:
             with transaction(stack.runtime.engine) as session:
-                return service.time_out_tasks(
-                    session=session, notifier=stack.runtime.notifier, now=now
-                )
+                return service.time_out_tasks(session=session, notifier=NOTIFIER, now=now)
 
         first, second = run_concurrently(2, sweep)
         first_ids = {item.task_id for item in first}

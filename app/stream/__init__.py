@@ -1,0 +1,1 @@
+"""The task stream: agents receive tasks over a WebSocket as they are created."""

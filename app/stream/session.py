@@ -1,0 +1,215 @@
+"""One agent's task stream: what it is sent, and what it may send.
+
+Server → agent: `task_assigned` for every pending task on connect and for
+each new one as it is created; `task_cancelled` on cancel and timeout;
+`error` for a message it could not accept. Agent → server: `task_progress`
+and `task_log`.
+
+Every wake-up (an event, a resync after a pub/sub gap, or the periodic
+re-check every `taskPollInterval`) claims from the database, so a lost
+notification delays a task and never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from app.db import transaction
+from app.errors import StellaError
+from app.models import Agent
+from app.runtime import Runtime
+from app.stream.hub import RESYNC, Hub, StreamItem, Subscription
+from app.stream.schemas import (
+    StreamError,
+    TaskAssigned,
+    TaskCancelledMessage,
+    TaskLogMessage,
+    TaskProgress,
+    agent_message,
+    outgoing,
+)
+from app.tasks import service as tasks_service
+from app.tasks.schemas import LogLine, TaskDelivery
+
+log = logging.getLogger(__name__)
+
+# Close codes: 4401 credentials refused or agent deleted, 4403 another
+# agent's stream, 1008 too many messages, 1009 message too big, 1013 the
+# database is unavailable (reconnect later).
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_LATER = 1013
+
+
+class AgentGone(Exception):
+    """The agent was deleted while its stream was open."""
+
+
+class _RateLimit:
+    """A token bucket: `rate` messages a second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens, self.stamp = float(burst), time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class TaskStream:
+    def __init__(
+        self, websocket: WebSocket, runtime: Runtime, hub: Hub, agent_id: uuid.UUID
+    ) -> None:
+        self.websocket = websocket
+        self.runtime = runtime
+        self.hub = hub
+        self.agent_id = agent_id
+        self.settings = runtime.settings
+        self._send_lock = asyncio.Lock()
+        self._limit = _RateLimit(
+            self.settings.stream_messages_per_second, self.settings.stream_burst
+        )
+
+    async def run(self) -> None:
+        """Serve the stream until the agent leaves, is deleted, or misbehaves."""
+        subscription = await self.hub.subscribe(self.agent_id)
+        reader = asyncio.create_task(self._read_loop(), name=f"stream-reader-{self.agent_id}")
+        try:
+            await self._deliver_pending()
+            await self._write_loop(subscription, reader)
+        except AgentGone:
+            await self._close(CLOSE_UNAUTHORIZED, "agent deleted")
+        except DBAPIError:
+            log.warning("task stream of %s: database unavailable", self.agent_id)
+            await self._close(CLOSE_TRY_LATER, "database unavailable; reconnect later")
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the agent left while we were sending
+        finally:
+            subscription.close()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _write_loop(self, subscription: Subscription, reader: asyncio.Task[None]) -> None:
+        poll = self.settings.task_poll_interval
+        while True:
+            getter = asyncio.ensure_future(subscription.queue.get())
+            done, _ = await asyncio.wait(
+                {getter, reader}, timeout=poll, return_when=asyncio.FIRST_COMPLETED
+            )
+            if reader in done:
+                getter.cancel()
+                return
+            item: StreamItem = getter.result() if getter in done else RESYNC
+            if getter not in done:
+                getter.cancel()
+            await self._handle(item)
+
+    async def _handle(self, item: StreamItem) -> None:
+        if item == RESYNC:
+            await self._deliver_pending()
+            return
+        assert not isinstance(item, str)
+        if item.kind == "task_created":
+            await self._deliver_pending()
+        elif item.kind == "task_cancelled" and item.task_id is not None:
+            await self._send(TaskCancelledMessage(task_id=item.task_id))
+        elif item.kind == "agent_deleted":
+            raise AgentGone
+
+    async def _deliver_pending(self) -> None:
+        while True:
+            deliveries = await run_in_threadpool(self._claim)
+            for delivery in deliveries:
+                await self._send(TaskAssigned(task=delivery))
+            if len(deliveries) < tasks_service.CLAIM_BATCH:
+                return
+
+    def _claim(self) -> list[TaskDelivery]:
+        with transaction(self.runtime.engine) as session:
+            if session.get(Agent, self.agent_id) is None:
+                raise AgentGone
+            claimed = tasks_service.claim_pending(session=session, agent_id=self.agent_id)
+            return [tasks_service.deliver(task, self.runtime.cipher) for task in claimed]
+
+    async def _read_loop(self) -> None:
+        limit = self.settings.stream_max_message_bytes
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw: Any = (
+                message.get("text") if message.get("text") is not None else message.get("bytes")
+            )
+            if raw is None:
+                continue
+            if len(raw) > limit:
+                await self._close(CLOSE_TOO_BIG, f"message over {limit} bytes")
+                return
+            if not self._limit.allow():
+                await self._close(CLOSE_POLICY, "too many messages; slow down")
+                return
+            await self._accept(raw)
+
+    async def _accept(self, raw: str | bytes) -> None:
+        try:
+            parsed = agent_message.validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors(include_input=False)[0] if exc.errors() else {"msg": "invalid"}
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            await self._send(
+                StreamError(detail=f"invalid message: {where}: {first['msg']}".strip())
+            )
+            return
+        try:
+            await run_in_threadpool(self._apply, parsed)
+        except StellaError as exc:
+            await self._send(StreamError(detail=exc.detail))
+
+    def _apply(self, message: TaskProgress | TaskLogMessage) -> None:
+        with transaction(self.runtime.engine) as session:
+            if isinstance(message, TaskProgress):
+                tasks_service.record_progress(
+                    session=session,
+                    agent_id=self.agent_id,
+                    task_id=message.task_id,
+                    progress=message.progress,
+                    message=message.message,
+                )
+            else:
+                tasks_service.append_agent_log(
+                    session=session,
+                    settings=self.settings,
+                    agent_id=self.agent_id,
+                    task_id=message.task_id,
+                    line=LogLine(
+                        timestamp=message.timestamp, level=message.level, message=message.message
+                    ),
+                )
+
+    async def _send(self, message: TaskAssigned | TaskCancelledMessage | StreamError) -> None:
+        async with self._send_lock:
+            await self.websocket.send_json(outgoing(message))
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            async with self._send_lock:
+                await self.websocket.close(code=code, reason=reason)
