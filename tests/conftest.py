@@ -261,15 +261,19 @@ def stack(_stack: Stack) -> Stack:
 # --- clients -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def operator(stack: Stack) -> Iterator[httpx.Client]:
+def operator_client(stack: Stack) -> httpx.Client:
     """An operator's client: admin token, verifying our CA, no client certificate."""
-    with httpx.Client(
+    return httpx.Client(
         base_url=stack.base_url,
         verify=stack.ssl_context(),
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         timeout=30,
-    ) as client:
+    )
+
+
+@pytest.fixture
+def operator(stack: Stack) -> Iterator[httpx.Client]:
+    with operator_client(stack) as client:
         yield client
 
 

@@ -12,6 +12,7 @@ from sqlmodel import Session
 
 from app.auth.client_cert import MalformedCertificate, presented_certificate
 from app.auth.service import AuthenticatedAgent, authenticate_agent, is_operator
+from app.db import transaction
 from app.errors import Forbidden, Unauthorized
 from app.runtime import Runtime
 
@@ -26,13 +27,8 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 def get_session(runtime: RuntimeDep) -> Iterator[Session]:
     """One transaction per request: commit on success, roll back on error."""
-    with Session(runtime.engine, expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with transaction(runtime.engine) as session:
+        yield session
 
 
 # scope="function": commit before the response is sent, so a failed commit

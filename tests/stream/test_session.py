@@ -20,11 +20,14 @@ from websockets.exceptions import ConnectionClosed
 from tests.conftest import AgentClient, Stack, dispatch
 
 
+def stream_url(stack: Stack, agent_id: str) -> str:
+    return stack.base_url.replace("https://", "wss://") + f"/api/v1/agents/{agent_id}/task-stream"
+
+
 @asynccontextmanager
 async def stream(stack: Stack, agent: AgentClient) -> AsyncIterator[ClientConnection]:
-    url = stack.base_url.replace("https://", "wss://") + f"/api/v1/agents/{agent.id}/task-stream"
     async with connect(
-        url,
+        stream_url(stack, agent.id),
         ssl=stack.ssl_context(agent.cert_file, agent.key_file),
         additional_headers={"Authorization": f"Bearer {agent.token}"},
         open_timeout=10,
@@ -70,12 +73,24 @@ class TestTaskStream:
                 assert time.monotonic() - started < 2
 
                 await websocket.send(
-                    json.dumps({"type": "task_progress", "taskId": first_id, "progress": 50,
-                                "message": "Pulling layer 3/5"})
+                    json.dumps(
+                        {
+                            "type": "task_progress",
+                            "taskId": first_id,
+                            "progress": 50,
+                            "message": "Pulling layer 3/5",
+                        }
+                    )
                 )
                 await websocket.send(
-                    json.dumps({"type": "task_log", "taskId": first_id, "level": "info",
-                                "message": "layer 3 done"})
+                    json.dumps(
+                        {
+                            "type": "task_log",
+                            "taskId": first_id,
+                            "level": "info",
+                            "message": "layer 3 done",
+                        }
+                    )
                 )
                 await websocket.send(json.dumps({"type": "task_progress", "taskId": "nope"}))
                 error = await receive(websocket)
@@ -123,7 +138,9 @@ class TestTaskStream:
         self, stack: Stack, register: Any
     ) -> None:
         agent = register()
-        url = stack.base_url.replace("https://", "wss://") + f"/api/v1/agents/{agent.id}/task-stream"
+        url = (
+            stack.base_url.replace("https://", "wss://") + f"/api/v1/agents/{agent.id}/task-stream"
+        )
 
         async def scenario() -> None:
             async with connect(

@@ -30,7 +30,7 @@ from app.db import transaction
 from app.models import Dispatch, Task
 from app.models.types import utcnow
 from app.tokens import service as tokens_service
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, Stack, start_stack, truncate
+from tests.conftest import REDIS_URL, Stack, operator_client, start_stack, truncate
 from tests.processes import StellaProcess, settings_env, start_worker
 
 pytestmark = pytest.mark.slow
@@ -78,12 +78,7 @@ def stack(tmp_path: Path, database_url: str, broker: str) -> Iterator[Stack]:
 
 @pytest.fixture
 def operator(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=stack.base_url,
-        verify=stack.ssl_context(),
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=30,
-    ) as client:
+    with operator_client(stack) as client:
         yield client
 
 

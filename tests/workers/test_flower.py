@@ -23,7 +23,7 @@ from app import migrate
 from app.db import make_engine
 from app.jobs import make_celery, prepare_embedded_broker
 from app.settings import Settings
-from tests.conftest import ADMIN_TOKEN, Stack, free_port, start_stack
+from tests.conftest import ADMIN_TOKEN, Stack, free_port, operator_client, start_stack
 from tests.processes import StellaProcess, settings_env
 from tests.workers.test_fanout_crash import MARKER, SECRET, post_dispatch, register_fleet, wait_done
 
@@ -73,12 +73,7 @@ def _answers(client: httpx.Client, process: StellaProcess) -> bool:
 
 @pytest.fixture
 def operator(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=stack.base_url,
-        verify=stack.ssl_context(),
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=30,
-    ) as client:
+    with operator_client(stack) as client:
         yield client
 
 
