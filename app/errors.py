@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DBAPIError)
+    if isinstance(exc, DataError):
+        # A value the database cannot store (a NUL character in text or JSON
+        # on PostgreSQL): the request's fault, not the server's.
+        return problem(422, "Unprocessable Content", "a value in the request cannot be stored")
     if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
         raise exc
     log.warning("database unavailable: %s", type(exc.orig).__name__)

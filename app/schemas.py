@@ -22,7 +22,10 @@ def _rfc3339(value: dt.datetime) -> str:
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
     # A timestamp without an offset is taken as UTC, like the seed's examples.
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    try:
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    except OverflowError as exc:  # 0001-01-01T00:00+01:00: pydantic only turns ValueError into 422
+        raise ValueError("timestamp out of range") from exc
 
 
 # UTC, millisecond precision, "Z" suffix: 2026-01-10T14:23:45.123Z

@@ -134,6 +134,9 @@ class RedisHub:
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 if self.connected.is_set():
                     log.warning("Redis pub/sub lost (%s); reconnecting", exc)
+                    # `_serve` never returns: a lost connection that had been
+                    # up starts the backoff again from its minimum.
+                    backoff = 0.1
                 self.connected.clear()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.MAX_BACKOFF)
@@ -147,12 +150,14 @@ class RedisHub:
     async def _serve(self, pubsub: aioredis.client.PubSub) -> None:
         # A control channel keeps the connection subscribed while no agent is.
         await pubsub.subscribe(f"{self._prefix}stella:hub")
+        # Pending changes are covered by the full subscribe below. Drop them
+        # before the snapshot, not after the await: a stream arriving while
+        # that SUBSCRIBE is sent queues a change the loop must still apply.
+        while not self._changes.empty():
+            self._changes.get_nowait()
         channels = [self._channel(agent_id) for agent_id in self._subscriptions]
         if channels:
             await pubsub.subscribe(*channels)
-        # Pending changes are covered by the full subscribe above.
-        while not self._changes.empty():
-            self._changes.get_nowait()
         self.connected.set()
         log.info("Redis pub/sub connected (%d agents)", len(channels))
         self._resync_all()

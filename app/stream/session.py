@@ -117,6 +117,7 @@ class TaskStream:
             )
             if reader in done:
                 getter.cancel()
+                reader.result()  # a reader that failed (database down) fails the stream
                 return
             item: StreamItem = getter.result() if getter in done else RESYNC
             if getter not in done:
@@ -175,8 +176,10 @@ class TaskStream:
         except ValidationError as exc:
             first = exc.errors(include_input=False)[0] if exc.errors() else {"msg": "invalid"}
             where = ".".join(str(part) for part in first.get("loc", ()))
+            # This message quotes the unknown tag, i.e. the agent's input: never echo it.
+            what = "unknown type" if first.get("type") == "union_tag_invalid" else first["msg"]
             await self._send(
-                StreamError(detail=f"invalid message: {where}: {first['msg']}".strip())
+                StreamError(detail=f"invalid message: {where + ': ' if where else ''}{what}")
             )
             return
         try:

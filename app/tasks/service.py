@@ -239,7 +239,7 @@ def append_logs(
     """
     kept = []
     for line in lines:
-        size = len(line.message.encode())
+        size = len(_storable(line.message).encode())
         granted = session.execute(
             update(Task)
             .where(
@@ -277,8 +277,8 @@ def append_logs(
                 {
                     "task_id": task_id,
                     "timestamp": line.timestamp,
-                    "level": line.level,
-                    "message": line.message,
+                    "level": _storable(line.level),
+                    "message": _storable(line.message),
                 }
                 for line in kept
             ],
@@ -296,7 +296,10 @@ def record_progress(
 ) -> None:
     """The agent reports progress: the task is running; 404/409 as for completion."""
     now = utcnow()
-    values: dict[str, object] = {"status": "running", "progress_message": message}
+    values: dict[str, object] = {
+        "status": "running",
+        "progress_message": _storable(message) if message is not None else None,
+    }
     if progress is not None:
         values["progress"] = progress
     updated = session.execute(
@@ -328,6 +331,11 @@ def append_agent_log(
     if owned is None:
         _refuse_update(session=session, agent_id=agent_id, task_id=task_id)
     append_logs(session=session, settings=settings, task_id=task_id, lines=[line])
+
+
+def _storable(text: str) -> str:
+    """PostgreSQL text cannot hold NUL: store U+FFFD instead, on every backend alike."""
+    return text.replace("\x00", "\ufffd")
 
 
 def _refuse_update(*, session: Session, agent_id: uuid.UUID, task_id: uuid.UUID) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -31,6 +30,9 @@ OPERATOR_PATHS = {
     "/api/v1/pki/ca.pem": {"get"},
 }
 
+# Parameters must be the same in every xdist worker: no random ids in them.
+FIXED_ID = "6f1c0d2e-8a4b-4c3d-9e5f-0a1b2c3d4e5f"
+
 
 @pytest.fixture
 def anonymous(stack: Stack) -> Iterator[httpx.Client]:
@@ -56,10 +58,10 @@ class TestWrongMethod:
         ("method", "path", "allowed"),
         [
             ("DELETE", "/api/v1/tasks", {"GET", "POST"}),
-            ("PATCH", f"/api/v1/agents/{uuid.uuid4()}", {"GET", "PUT", "DELETE"}),
+            ("PATCH", f"/api/v1/agents/{FIXED_ID}", {"GET", "PUT", "DELETE"}),
             ("POST", "/healthz", {"GET"}),
-            ("GET", f"/api/v1/tasks/{uuid.uuid4()}/cancel", {"POST"}),
-            ("GET", f"/api/v1/agents/{uuid.uuid4()}/heartbeat", {"POST"}),
+            ("GET", f"/api/v1/tasks/{FIXED_ID}/cancel", {"POST"}),
+            ("GET", f"/api/v1/agents/{FIXED_ID}/heartbeat", {"POST"}),
         ],
     )
     def test_is_405_problem_with_allow(
@@ -210,3 +212,20 @@ class TestCaCertificate:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         assert constraints.ca is True
         assert "PRIVATE KEY" not in response.text
+
+
+class TestValuesTheDatabaseCannotStore:
+    def test_a_nul_character_in_a_payload_is_422_not_500(self, stack, register, operator) -> None:
+        agent = register()
+        response = operator.post(
+            "/api/v1/tasks",
+            json={
+                "taskType": "docker.pull",
+                "payload": {"image": "a\u0000b"},
+                "target": {"agentId": agent.id},
+            },
+        )
+        # SQLite stores it; PostgreSQL's JSONB cannot, and says so as a 422.
+        assert response.status_code in (201, 422), response.text
+        if response.status_code == 422:
+            assert response.headers["content-type"] == "application/problem+json"
