@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import db, dev, flower, serve, tokens, worker
+from app.cli import agent, db, dev, flower, serve, tokens, worker
 
 cli = typer.Typer(
     name="stella",
@@ -20,6 +20,7 @@ cli.command("flower")(flower.flower)
 cli.command("dev")(dev.dev)
 cli.add_typer(tokens.cli, name="tokens")
 cli.add_typer(db.cli, name="db")
+cli.add_typer(agent.cli, name="agent")
 
 
 def main() -> None:

@@ -42,8 +42,20 @@ class TaskLogMessage(ApiModel):
     timestamp: Timestamp = Field(default_factory=utcnow)
 
 
-AgentMessage = Annotated[TaskProgress | TaskLogMessage, Field(discriminator="type")]
-agent_message: TypeAdapter[TaskProgress | TaskLogMessage] = TypeAdapter(AgentMessage)
+class Sync(ApiModel):
+    """A barrier: answered with `synced` once every earlier message was applied."""
+
+    type: Literal["sync"]
+    sync_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class Synced(ApiModel):
+    type: Literal["synced"] = "synced"
+    sync_id: str
+
+
+AgentMessage = Annotated[TaskProgress | TaskLogMessage | Sync, Field(discriminator="type")]
+agent_message: TypeAdapter[TaskProgress | TaskLogMessage | Sync] = TypeAdapter(AgentMessage)
 
 
 def outgoing(message: ApiModel) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Server → agent: `task_assigned` for every pending task on connect and for
 each new one as it is created; `task_cancelled` on cancel and timeout;
-`error` for a message it could not accept. Agent → server: `task_progress`
-and `task_log`.
+`error` for a message it could not accept; `synced` answering a `sync`.
+Agent → server: `task_progress`, `task_log`, and `sync` (a barrier: its
+answer means every earlier message was stored, e.g. before completing).
 
 Every wake-up (an event, a resync after a pub/sub gap, or the periodic
 re-check every `taskPollInterval`) claims from the database, so a lost
@@ -31,6 +32,8 @@ from app.runtime import Runtime
 from app.stream.hub import RESYNC, Hub, StreamItem, Subscription
 from app.stream.schemas import (
     StreamError,
+    Sync,
+    Synced,
     TaskAssigned,
     TaskCancelledMessage,
     TaskLogMessage,
@@ -182,6 +185,10 @@ class TaskStream:
                 StreamError(detail=f"invalid message: {where + ': ' if where else ''}{what}")
             )
             return
+        if isinstance(parsed, Sync):
+            # Messages are applied one at a time, in order: all earlier ones are stored.
+            await self._send(Synced(sync_id=parsed.sync_id))
+            return
         try:
             await run_in_threadpool(self._apply, parsed)
         except StellaError as exc:
@@ -208,7 +215,9 @@ class TaskStream:
                     ),
                 )
 
-    async def _send(self, message: TaskAssigned | TaskCancelledMessage | StreamError) -> None:
+    async def _send(
+        self, message: TaskAssigned | TaskCancelledMessage | StreamError | Synced
+    ) -> None:
         async with self._send_lock:
             await self.websocket.send_json(outgoing(message))
 

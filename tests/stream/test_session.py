@@ -156,3 +156,28 @@ class TestTaskStream:
                 assert "client certificate" in closed.value.rcvd.reason
 
         asyncio.run(scenario())
+
+
+class TestSync:
+    def test_synced_answers_once_every_earlier_message_is_stored(
+        self, stack: Stack, register: Any, operator: httpx.Client
+    ) -> None:
+        agent = register()
+        task_id = dispatch(operator, {"agentId": agent.id}).json()["tasks"][0]["taskId"]
+
+        async def scenario() -> None:
+            async with stream(stack, agent) as websocket:
+                assert (await receive(websocket))["type"] == "task_assigned"
+                for n in range(20):
+                    await websocket.send(
+                        json.dumps({"type": "task_log", "taskId": task_id, "message": f"line {n}"})
+                    )
+                await websocket.send(json.dumps({"type": "sync", "syncId": "s-1"}))
+                assert await receive(websocket) == {"type": "synced", "syncId": "s-1"}
+                # Answered only after the lines before it: all twenty are stored now.
+                view = await in_thread(task_view, operator, task_id)
+                assert [line["message"] for line in view["logs"]] == [
+                    f"line {n}" for n in range(20)
+                ]
+
+        asyncio.run(scenario())
