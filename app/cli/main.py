@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import agent, db, dev, flower, serve, tokens, worker
+from app.cli import agent, db, dev, flower, serve, simulate, tokens, worker
 
 cli = typer.Typer(
     name="stella",
@@ -18,6 +18,7 @@ cli.command("worker")(worker.worker)
 cli.command("beat")(worker.beat)
 cli.command("flower")(flower.flower)
 cli.command("dev")(dev.dev)
+cli.command("simulate")(simulate.simulate_command)
 cli.add_typer(tokens.cli, name="tokens")
 cli.add_typer(db.cli, name="db")
 cli.add_typer(agent.cli, name="agent")
