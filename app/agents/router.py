@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from sqlmodel import Session
 
 from app.agents import service
 from app.agents.schemas import (
@@ -21,11 +22,12 @@ from app.agents.schemas import (
 )
 from app.api.deps import (
     AdminDep,
-    OperatorOrSelfDep,
+    CallerDep,
     RegistrationTokenDep,
     RuntimeDep,
-    SelfAgentDep,
-    SessionDep,
+    authenticate_self,
+    authorize_operator_or_self,
+    in_transaction,
 )
 from app.api.problems import problems
 from app.errors import InvalidInput, Unauthorized
@@ -36,20 +38,25 @@ AgentIdPath = Annotated[uuid.UUID, Path(alias="id")]
 
 
 @router.post("/register", status_code=201, responses=problems(401, 409, 422))
-def register_agent(
-    body: AgentRegister, session: SessionDep, runtime: RuntimeDep, token: RegistrationTokenDep
+async def register_agent(
+    body: AgentRegister, runtime: RuntimeDep, token: RegistrationTokenDep
 ) -> AgentRegistered:
     """Register with a single-use token; get a JWT and a client certificate."""
     if not token:
         raise Unauthorized("registration token required (X-Agent-Token)")
-    return service.register(session=session, runtime=runtime, token=token, request=body)
+    return await in_transaction(
+        runtime,
+        lambda session: service.register(
+            session=session, runtime=runtime, token=token, request=body
+        ),
+    )
 
 
 @router.get("", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 422))
-def list_agents(
+async def list_agents(
     request: Request,
     response: Response,
-    session: SessionDep,
+    runtime: RuntimeDep,
     status: AgentStatus | None = None,
     capability: str | None = None,
     label: Annotated[
@@ -59,13 +66,17 @@ def list_agents(
     cursor: str | None = None,
 ) -> list[AgentPublic]:
     """The fleet by name; the next page's URL is in the `Link` header (rel="next")."""
-    agents, next_cursor = service.list_public(
-        session=session,
-        status=status,
-        capability=capability,
-        labels=_parse_labels(label or []),
-        limit=limit,
-        cursor=cursor,
+    labels = _parse_labels(label or [])
+    agents, next_cursor = await in_transaction(
+        runtime,
+        lambda session: service.list_public(
+            session=session,
+            status=status,
+            capability=capability,
+            labels=labels,
+            limit=limit,
+            cursor=cursor,
+        ),
     )
     if next_cursor is not None:
         next_url = request.url.include_query_params(cursor=next_cursor)
@@ -73,41 +84,61 @@ def list_agents(
     return agents
 
 
-@router.get("/{id}", dependencies=[OperatorOrSelfDep], responses=problems(401, 403, 404, 422))
-def get_agent(agent_id: AgentIdPath, session: SessionDep) -> AgentDetail:
+@router.get("/{id}", responses=problems(401, 403, 404, 422))
+async def get_agent(agent_id: AgentIdPath, runtime: RuntimeDep, caller: CallerDep) -> AgentDetail:
     """One agent in full (operators, or the agent itself)."""
-    return service.detail(session=session, agent_id=agent_id)
+
+    def work(session: Session) -> AgentDetail:
+        authorize_operator_or_self(session, runtime, caller, agent_id)
+        return service.detail(session=session, agent_id=agent_id)
+
+    return await in_transaction(runtime, work)
 
 
 @router.put(
-    "/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 409, 422)
+    "/{id}",
+    dependencies=[AdminDep],
+    tags=["operators"],
+    responses=problems(401, 404, 409, 422),
 )
-def update_agent(agent_id: AgentIdPath, body: AgentUpdate, session: SessionDep) -> AgentDetail:
+async def update_agent(
+    agent_id: AgentIdPath, body: AgentUpdate, runtime: RuntimeDep
+) -> AgentDetail:
     """Change an agent's labels, capabilities or name."""
-    return service.update(session=session, agent_id=agent_id, changes=body)
+    return await in_transaction(
+        runtime, lambda session: service.update(session=session, agent_id=agent_id, changes=body)
+    )
 
 
 @router.delete(
     "/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 422)
 )
-def delete_agent(agent_id: AgentIdPath, session: SessionDep, runtime: RuntimeDep) -> AgentDeleted:
+async def delete_agent(agent_id: AgentIdPath, runtime: RuntimeDep) -> AgentDeleted:
     """Revoke the agent's credentials and remove its registration."""
-    service.delete_agent(session=session, runtime=runtime, agent_id=agent_id)
+    await in_transaction(
+        runtime,
+        lambda session: service.delete_agent(session=session, runtime=runtime, agent_id=agent_id),
+    )
     return AgentDeleted()
 
 
 @router.post("/{id}/heartbeat", responses=problems(401, 403, 422))
-def heartbeat(
-    body: Heartbeat, caller: SelfAgentDep, session: SessionDep, runtime: RuntimeDep
+async def heartbeat(
+    agent_id: AgentIdPath, body: Heartbeat, runtime: RuntimeDep, caller: CallerDep
 ) -> HeartbeatAnswer:
     """Report liveness; the answer carries pending tasks and, near expiry, a new certificate."""
-    return service.heartbeat(
-        session=session,
-        runtime=runtime,
-        agent=caller.agent,
-        report=body,
-        presented_not_after=caller.cert_not_after,
-    )
+
+    def work(session: Session) -> HeartbeatAnswer:
+        me = authenticate_self(session, runtime, caller, agent_id)
+        return service.heartbeat(
+            session=session,
+            runtime=runtime,
+            agent=me.agent,
+            report=body,
+            presented_not_after=me.cert_not_after,
+        )
+
+    return await in_transaction(runtime, work)
 
 
 def _parse_labels(pairs: list[str]) -> dict[str, str]:

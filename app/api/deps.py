@@ -1,14 +1,26 @@
-"""Annotated dependencies: the request's session, the runtime, and who is calling."""
+"""What every router shares: the runtime, who is calling, and the request's transaction.
+
+A request's database work and its commit run in ONE worker thread
+(`in_transaction`). Spreading them over several thread hops (a session
+dependency, then the endpoint, then the commit) lets a request hold a lock
+(a row lock; SQLite's write lock) while it waits for a free thread to
+commit: enough such requests starve the pool and every request waits. So
+the dependencies here do no I/O and are `async` (no thread hop at all), and
+each endpoint hands its work to `in_transaction` once.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth.client_cert import MalformedCertificate, presented_certificate
 from app.auth.service import AuthenticatedAgent, authenticate_agent, is_operator
@@ -16,24 +28,15 @@ from app.db import transaction
 from app.errors import Forbidden, Unauthorized
 from app.runtime import Runtime
 
+T = TypeVar("T")
 
-def get_runtime(request: Request) -> Runtime:
+
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-
-
-def get_session(runtime: RuntimeDep) -> Iterator[Session]:
-    """One transaction per request: commit on success, roll back on error."""
-    with transaction(runtime.engine) as session:
-        yield session
-
-
-# scope="function": commit before the response is sent, so a failed commit
-# becomes an error answer instead of a success that did not happen.
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 _bearer = HTTPBearer(auto_error=False, description="Operator: STELLA_ADMIN_TOKEN. Agent: its JWT.")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -45,7 +48,7 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return credentials.credentials if credentials else None
 
 
-def require_operator(runtime: RuntimeDep, credentials: BearerDep) -> None:
+async def require_operator(runtime: RuntimeDep, credentials: BearerDep) -> None:
     if runtime.settings.admin_token is None:
         raise Unauthorized("the operator API is disabled: STELLA_ADMIN_TOKEN is not set")
     if not is_operator(_token(credentials), runtime.settings.admin_token):
@@ -55,46 +58,59 @@ def require_operator(runtime: RuntimeDep, credentials: BearerDep) -> None:
 AdminDep = Depends(require_operator)
 
 
-def _authenticate_agent(
-    request: Request, runtime: RuntimeDep, session: SessionDep, credentials: BearerDep
-) -> AuthenticatedAgent:
+@dataclass(frozen=True)
+class Caller:
+    """What a request presents: its bearer token and its connection's scope."""
+
+    token: str | None
+    scope: Any
+
+
+async def get_caller(request: Request, credentials: BearerDep) -> Caller:
+    return Caller(token=_token(credentials), scope=request.scope)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def in_transaction(runtime: Runtime, work: Callable[[Session], T]) -> T:
+    """Run `work(session)` and commit, in one worker thread; roll back on error."""
+    return await run_in_threadpool(_run, runtime.engine, work)
+
+
+def _run(engine: Engine, work: Callable[[Session], T]) -> T:
+    with transaction(engine) as session:
+        return work(session)
+
+
+def authenticate(session: Session, runtime: Runtime, caller: Caller) -> AuthenticatedAgent:
+    """The agent the caller's JWT and client certificate both name (401 otherwise)."""
     try:
-        certificate = presented_certificate(request.scope, runtime.settings)
+        certificate = presented_certificate(caller.scope, runtime.settings)
     except MalformedCertificate as exc:
         raise Unauthorized(str(exc)) from exc
     return authenticate_agent(
         session=session,
         ca=runtime.ca,
         signer=runtime.token_signer,
-        token=_token(credentials),
+        token=caller.token,
         certificate=certificate,
     )
 
 
-def require_self(
-    agent_id: Annotated[uuid.UUID, Path(alias="id")],
-    caller: Annotated[AuthenticatedAgent, Depends(_authenticate_agent)],
+def authenticate_self(
+    session: Session, runtime: Runtime, caller: Caller, agent_id: uuid.UUID
 ) -> AuthenticatedAgent:
-    """The authenticated agent, which must be the one the path names."""
-    if caller.agent.id != agent_id:
+    """The authenticated agent, which must be the one the path names (403 otherwise)."""
+    agent = authenticate(session, runtime, caller)
+    if agent.agent.id != agent_id:
         raise Forbidden("agent not authorized for this operation")
-    return caller
+    return agent
 
 
-SelfAgentDep = Annotated[AuthenticatedAgent, Depends(require_self)]
-
-
-def require_operator_or_self(
-    request: Request,
-    agent_id: Annotated[uuid.UUID, Path(alias="id")],
-    runtime: RuntimeDep,
-    session: SessionDep,
-    credentials: BearerDep,
+def authorize_operator_or_self(
+    session: Session, runtime: Runtime, caller: Caller, agent_id: uuid.UUID
 ) -> None:
     """Operators may read any agent; an agent may read itself."""
-    if is_operator(_token(credentials), runtime.settings.admin_token):
-        return
-    require_self(agent_id, _authenticate_agent(request, runtime, session, credentials))
-
-
-OperatorOrSelfDep = Depends(require_operator_or_self)
+    if not is_operator(caller.token, runtime.settings.admin_token):
+        authenticate_self(session, runtime, caller, agent_id)

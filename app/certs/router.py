@@ -12,5 +12,5 @@ router = APIRouter(prefix="/api/v1/pki", tags=["pki"])
 @router.get(
     "/ca.pem", response_class=Response, responses={200: {"content": {"application/x-pem-file": {}}}}
 )
-def ca_certificate(runtime: RuntimeDep) -> Response:
+async def ca_certificate(runtime: RuntimeDep) -> Response:
     return Response(runtime.ca.cert_pem, media_type="application/x-pem-file")

@@ -7,8 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from sqlmodel import Session
 
-from app.api.deps import AdminDep, RuntimeDep, SelfAgentDep, SessionDep
+from app.api.deps import (
+    AdminDep,
+    CallerDep,
+    RuntimeDep,
+    authenticate_self,
+    in_transaction,
+)
 from app.api.problems import problems
 from app.dispatch import service as dispatch_service
 from app.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -28,34 +35,47 @@ from app.tasks.schemas import (
 
 agent_router = APIRouter(prefix="/api/v1/agents/{id}/tasks", tags=["agents"])
 operator_router = APIRouter(prefix="/api/v1/tasks", tags=["operators"], dependencies=[AdminDep])
+AgentIdPath = Annotated[uuid.UUID, Path(alias="id")]
 TaskIdPath = Annotated[uuid.UUID, Path(alias="taskId")]
 
 
 @agent_router.get("", responses=problems(401, 403, 422))
-def poll_tasks(caller: SelfAgentDep, session: SessionDep, runtime: RuntimeDep) -> TaskPendingList:
+async def poll_tasks(
+    agent_id: AgentIdPath, runtime: RuntimeDep, caller: CallerDep
+) -> TaskPendingList:
     """Every unfinished task of the agent; pending ones become assigned."""
-    tasks = service.open_tasks_for_agent(
-        session=session, cipher=runtime.cipher, agent_id=caller.agent.id
-    )
-    return TaskPendingList(tasks=tasks)
+
+    def work(session: Session) -> TaskPendingList:
+        me = authenticate_self(session, runtime, caller, agent_id)
+        tasks = service.open_tasks_for_agent(
+            session=session, cipher=runtime.cipher, agent_id=me.agent.id
+        )
+        return TaskPendingList(tasks=tasks)
+
+    return await in_transaction(runtime, work)
 
 
 @agent_router.post("/{taskId}/complete", responses=problems(401, 403, 404, 409, 422))
-def complete_task(
+async def complete_task(
+    agent_id: AgentIdPath,
     task_id: TaskIdPath,
     body: TaskComplete,
-    caller: SelfAgentDep,
-    session: SessionDep,
     runtime: RuntimeDep,
+    caller: CallerDep,
 ) -> Acknowledged:
     """Report the outcome; repeating the same outcome is acknowledged again."""
-    service.complete(
-        session=session,
-        settings=runtime.settings,
-        agent_id=caller.agent.id,
-        task_id=task_id,
-        report=body,
-    )
+
+    def work(session: Session) -> None:
+        me = authenticate_self(session, runtime, caller, agent_id)
+        service.complete(
+            session=session,
+            settings=runtime.settings,
+            agent_id=me.agent.id,
+            task_id=task_id,
+            report=body,
+        )
+
+    await in_transaction(runtime, work)
     return Acknowledged()
 
 
@@ -67,9 +87,12 @@ def complete_task(
         **problems(401, 404, 422, 503),
     },
 )
-def dispatch_task(body: TaskCreate, session: SessionDep, runtime: RuntimeDep) -> TasksCreated:
+async def dispatch_task(body: TaskCreate, runtime: RuntimeDep) -> TasksCreated:
     """Dispatch to one agent (201) or fan out by capability and labels (202)."""
-    outcome = dispatch_service.submit(session=session, runtime=runtime, spec=body)
+    outcome = await in_transaction(
+        runtime,
+        lambda session: dispatch_service.submit(session=session, runtime=runtime, spec=body),
+    )
     if isinstance(outcome, DispatchAccepted):
         # Rendered here: the declared response model is the 201 one.
         return JSONResponse(outcome.model_dump(mode="json", by_alias=True), status_code=202)  # type: ignore[return-value]
@@ -77,18 +100,21 @@ def dispatch_task(body: TaskCreate, session: SessionDep, runtime: RuntimeDep) ->
 
 
 @operator_router.get("", responses=problems(401, 422))
-def list_tasks(
+async def list_tasks(
     request: Request,
     response: Response,
-    session: SessionDep,
+    runtime: RuntimeDep,
     agent_id: Annotated[uuid.UUID | None, Query(alias="agentId")] = None,
     status: TaskStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: str | None = None,
 ) -> list[TaskSummary]:
     """Tasks newest first; the next page's URL is in the `Link` header (rel="next")."""
-    tasks, next_cursor = service.list_summaries(
-        session=session, agent_id=agent_id, status=status, limit=limit, cursor=cursor
+    tasks, next_cursor = await in_transaction(
+        runtime,
+        lambda session: service.list_summaries(
+            session=session, agent_id=agent_id, status=status, limit=limit, cursor=cursor
+        ),
     )
     if next_cursor is not None:
         next_url = request.url.include_query_params(cursor=next_cursor)
@@ -97,13 +123,19 @@ def list_tasks(
 
 
 @operator_router.get("/{taskId}", responses=problems(401, 404, 422))
-def get_task(task_id: TaskIdPath, session: SessionDep) -> TaskView:
+async def get_task(task_id: TaskIdPath, runtime: RuntimeDep) -> TaskView:
     """One task with its progress, result and logs (never its credentials)."""
-    return service.get_view(session=session, task_id=task_id)
+    return await in_transaction(
+        runtime, lambda session: service.get_view(session=session, task_id=task_id)
+    )
 
 
 @operator_router.post("/{taskId}/cancel", responses=problems(401, 404, 409, 422))
-def cancel_task(task_id: TaskIdPath, session: SessionDep, runtime: RuntimeDep) -> TaskCancelled:
+async def cancel_task(task_id: TaskIdPath, runtime: RuntimeDep) -> TaskCancelled:
     """Cancel an unfinished task; its agent is told."""
-    task = service.cancel(session=session, notifier=runtime.notifier, task_id=task_id)
-    return TaskCancelled(task_id=task.id, status=task.status)
+
+    def work(session: Session) -> TaskCancelled:
+        task = service.cancel(session=session, notifier=runtime.notifier, task_id=task_id)
+        return TaskCancelled(task_id=task.id, status=task.status)
+
+    return await in_transaction(runtime, work)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import AdminDep, RuntimeDep, SessionDep
+from app.api.deps import AdminDep, RuntimeDep, in_transaction
 from app.api.problems import problems
 from app.tokens import service
 from app.tokens.schemas import RegistrationTokenCreate, RegistrationTokenCreated
@@ -18,10 +18,15 @@ router = APIRouter(prefix="/api/v1/registration-tokens", tags=["operators"])
     dependencies=[AdminDep],
     responses=problems(401, 422),
 )
-def create_registration_token(
-    session: SessionDep, runtime: RuntimeDep, body: RegistrationTokenCreate | None = None
+async def create_registration_token(
+    runtime: RuntimeDep, body: RegistrationTokenCreate | None = None
 ) -> RegistrationTokenCreated:
     """Mint a single-use registration token (shown once, stored as a hash)."""
     ttl = body.ttl_seconds if body else None
-    token, row = service.create_token(session=session, settings=runtime.settings, ttl_seconds=ttl)
+    token, row = await in_transaction(
+        runtime,
+        lambda session: service.create_token(
+            session=session, settings=runtime.settings, ttl_seconds=ttl
+        ),
+    )
     return RegistrationTokenCreated(token=token, expires_at=row.expires_at)
