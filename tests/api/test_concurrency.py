@@ -50,9 +50,11 @@ class TestContention:
         try:
             statuses = _together(
                 CONCURRENCY,
-                lambda i: clients[i]
-                .post(f"/api/v1/agents/{agent.id}/heartbeat", json={"status": "healthy"})
-                .status_code,
+                lambda i: (
+                    clients[i]
+                    .post(f"/api/v1/agents/{agent.id}/heartbeat", json={"status": "healthy"})
+                    .status_code
+                ),
             )
         finally:
             for client in clients:
