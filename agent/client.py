@@ -204,9 +204,7 @@ class AgentClient:
                 close_timeout=5,
                 max_size=8 * 1024 * 1024,
             )
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            raise ServerUnavailable(f"task stream: {exc!r}") from exc
-        except Exception as exc:  # websockets' handshake errors (InvalidStatus, ...)
+        except Exception as exc:  # network, TLS and websockets' handshake errors
             raise ServerUnavailable(f"task stream: {exc!r}") from exc
         try:
             yield TaskStream(connection)

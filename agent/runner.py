@@ -61,7 +61,7 @@ class Options:
     server: str
     state_dir: Path
     name: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     capabilities: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     ca_file: Path | None = None

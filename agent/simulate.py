@@ -56,7 +56,7 @@ class SimOptions:
     server: str
     agents: int
     token_file: Path | None = None
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)
     ca_file: Path | None = None
     name_prefix: str = "sim-"
     capabilities: list[str] = field(default_factory=list)
@@ -74,17 +74,6 @@ class SimOptions:
     # Idle connections are dropped after this; below uvicorn's 5 s keep-alive, so that a
     # request never races the server closing the connection it reuses.
     keepalive: float = 4.0
-
-
-def parse_labels(pairs: list[str]) -> dict[str, str]:
-    """`["k=v", ...]` → `{"k": "v"}`; ValueError names the bad pair."""
-    labels: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{pair!r} is not key=value")
-        labels[key] = value
-    return labels
 
 
 def read_token_file(path: Path, needed: int) -> list[str]:
@@ -705,7 +694,6 @@ __all__ = [
     "SimulationError",
     "Stats",
     "format_summary",
-    "parse_labels",
     "read_token_file",
     "simulate",
 ]

@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ class Identity:
     agent_id: str
     name: str
     server: str
-    token: str
+    token: str = field(repr=False)  # the agent JWT: never in a repr or a log
     config: dict[str, Any]
 
 
@@ -170,17 +170,6 @@ class StateDir:
         )
         self._write_identity(identity)
         return identity
-
-    def save_config(self, identity: Identity, config: dict[str, Any]) -> Identity:
-        updated = Identity(
-            agent_id=identity.agent_id,
-            name=identity.name,
-            server=identity.server,
-            token=identity.token,
-            config=config,
-        )
-        self._write_identity(updated)
-        return updated
 
     def _write_identity(self, identity: Identity) -> None:
         body = {

@@ -6,7 +6,6 @@ StellaError                 status + title; `detail` is safe to show the caller
 ├── Forbidden               403  authenticated, but not for this
 ├── NotFound                404
 ├── Conflict                409
-├── PayloadTooLarge         413
 └── ServiceUnavailable      503  (with Retry-After)
 
 Validation errors (422), unknown routes (404/405) and an unreachable
@@ -67,11 +66,6 @@ class NotFound(StellaError):
 class Conflict(StellaError):
     status = 409
     title = "Conflict"
-
-
-class PayloadTooLarge(StellaError):
-    status = 413
-    title = "Content Too Large"
 
 
 class ServiceUnavailable(StellaError):

@@ -11,6 +11,9 @@ import binascii
 import json
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import Response
+
 from app.errors import InvalidInput
 
 DEFAULT_LIMIT = 100
@@ -31,3 +34,10 @@ def decode_cursor(cursor: str, arity: int) -> list[Any]:
     if not isinstance(values, list) or len(values) != arity:
         raise InvalidInput("cursor is not valid")
     return values
+
+
+def set_next_link(request: Request, response: Response, next_cursor: str | None) -> None:
+    """Point `Link: <…>; rel="next"` at the next page, when there is one."""
+    if next_cursor is not None:
+        next_url = request.url.include_query_params(cursor=next_cursor)
+        response.headers["Link"] = f'<{next_url}>; rel="next"'

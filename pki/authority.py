@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pki.issue import issue_server_certificate, san_entries
+from pki.keys import private_key_pem
 
 CA_LIFETIME = dt.timedelta(days=3650)
 # Reissue the server certificate at start when it has less than this left.
@@ -214,11 +215,7 @@ def _server_cert_fits(
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    return private_key_pem(key).encode()
 
 
 def _write_private(path: Path, data: bytes) -> None:

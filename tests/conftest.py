@@ -81,6 +81,20 @@ def _postgres_admin(statement: str) -> None:
         engine.dispose()
 
 
+def create_postgres_database(name: str) -> str:
+    """A new empty database on the test server (a loud skip where it is unreachable)."""
+    try:
+        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _postgres_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # any failure to connect means "unreachable"
+        service_unavailable(f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc}")
+    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(name: str) -> None:
+    _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def database_url(
     backend: str, tmp_path_factory: pytest.TempPathFactory, worker_id: str
@@ -90,18 +104,13 @@ def database_url(
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'stella.db'}"
     else:
-        try:
-            _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            _postgres_admin(f'CREATE DATABASE "{name}"')
-        except Exception as exc:  # any failure to connect means "unreachable"
-            service_unavailable(f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc}")
-        url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        url = create_postgres_database(name)
     engine = make_engine(url)
     migrate.upgrade(engine)
     engine.dispose()
     yield url
     if backend == "postgresql":
-        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_postgres_database(name)
 
 
 def truncate(runtime: Runtime) -> None:

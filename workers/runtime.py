@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from app.db import transaction
 from app.runtime import Runtime, build_runtime
 from app.settings import get_settings
-
-__all__ = ["runtime", "transaction"]
 
 
 @lru_cache(maxsize=1)

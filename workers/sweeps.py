@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 from app import embedded_broker
+from app.db import transaction
 from app.sweeps import service
 from workers.celery_app import celery_app
-from workers.runtime import runtime, transaction
+from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 

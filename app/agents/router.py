@@ -31,7 +31,7 @@ from app.api.deps import (
 )
 from app.api.problems import problems
 from app.errors import InvalidInput, Unauthorized
-from app.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.pagination import DEFAULT_LIMIT, MAX_LIMIT, set_next_link
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 AgentIdPath = Annotated[uuid.UUID, Path(alias="id")]
@@ -78,9 +78,7 @@ async def list_agents(
             cursor=cursor,
         ),
     )
-    if next_cursor is not None:
-        next_url = request.url.include_query_params(cursor=next_cursor)
-        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    set_next_link(request, response, next_cursor)
     return agents
 
 

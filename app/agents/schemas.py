@@ -25,8 +25,9 @@ Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
 AgentStatus = Literal["online", "offline", "degraded"]
 
 
-def _unique(values: list[str]) -> list[str]:
-    return list(dict.fromkeys(values))
+def _unique(values: list[str] | None) -> list[str] | None:
+    """Capabilities without repeats, in the order given (None stays None)."""
+    return None if values is None else list(dict.fromkeys(values))
 
 
 class AgentRegister(ApiModel):
@@ -96,9 +97,7 @@ class AgentUpdate(OperatorRequest):
     labels: Labels | None = None
     capabilities: Capabilities | None = None
 
-    _dedupe = field_validator("capabilities")(
-        lambda values: None if values is None else _unique(values)
-    )
+    _dedupe = field_validator("capabilities")(_unique)
 
 
 class AgentDeleted(ApiModel):
@@ -111,9 +110,7 @@ class Heartbeat(ApiModel):
     capabilities: Capabilities | None = None
     running_tasks: Annotated[int, Field(ge=0, le=1_000_000)] = 0
 
-    _dedupe = field_validator("capabilities")(
-        lambda values: None if values is None else _unique(values)
-    )
+    _dedupe = field_validator("capabilities")(_unique)
 
 
 class CertificateRenewal(ApiModel):

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 
 from cryptography import x509
 
+from app.server.tls import client_cert_pem
 from app.settings import Settings
 
 MAX_HEADER_CERT_BYTES = 16 * 1024
@@ -26,9 +27,9 @@ class MalformedCertificate(Exception):
 
 def presented_certificate(scope: Mapping[str, Any], settings: Settings) -> x509.Certificate | None:
     """The client certificate of this request, or None when there is none."""
-    tls = scope.get("extensions", {}).get("tls")
-    if tls and tls.get("client_cert_chain"):
-        return _load(tls["client_cert_chain"][0])
+    pem = client_cert_pem(scope)
+    if pem is not None:
+        return _load(pem)
     if not settings.trusted_proxy_networks or not _from_trusted_proxy(scope, settings):
         return None
     header = settings.client_cert_header.lower().encode()

@@ -9,19 +9,10 @@ from typing import Annotated
 
 import typer
 
+from agent.labels import parse_labels
 from agent.runner import Options, run_agent
 
 cli = typer.Typer(help="The reference agent.", no_args_is_help=True)
-
-
-def _labels(pairs: list[str]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint="--label")
-        labels[key] = value
-    return labels
 
 
 @cli.command("run")
@@ -64,13 +55,17 @@ def run(
     )
     # One line per request (every heartbeat and poll) is noise at info level.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        labels = parse_labels(label or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--label") from exc
     options = Options(
         server=server.rstrip("/"),
         state_dir=state_dir,
         name=name,
         token=token,
         capabilities=capability or [],
-        labels=_labels(label or []),
+        labels=labels,
         ca_file=ca,
         allow_shell=allow_shell,
         shutdown_grace=shutdown_grace,

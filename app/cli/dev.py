@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy.engine import make_url
 
 from app.db import make_engine
@@ -73,7 +74,7 @@ def dev(
         f"  admin token: {env['STELLA_ADMIN_TOKEN']}\n"
         f"  CA:          {settings.resolved_pki_dir / 'ca.pem'}\n"
         f"  database:    {make_url(settings.resolved_database_url).render_as_string()}\n"
-        f"  broker:      {broker_url(settings)}\n"
+        f"  broker:      {maybe_sanitize_url(broker_url(settings))}\n"
         "  Ctrl-C stops web, worker and beat.\n"
     )
     _supervise(children)

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from agent.simulate import SimOptions, SimulationError, format_summary, parse_labels, simulate
+from agent.labels import parse_labels
+from agent.simulate import SimOptions, SimulationError, format_summary, simulate
 
 
 def simulate_command(

@@ -8,10 +8,9 @@ from fastapi import APIRouter, WebSocket
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
-from app.auth.client_cert import MalformedCertificate, presented_certificate
-from app.auth.service import authenticate_agent
+from app.api.deps import Caller, authenticate
 from app.db import transaction
-from app.errors import StellaError, Unauthorized
+from app.errors import StellaError
 from app.runtime import Runtime
 from app.stream.hub import Hub
 from app.stream.session import CLOSE_FORBIDDEN, CLOSE_TRY_LATER, CLOSE_UNAUTHORIZED, TaskStream
@@ -45,16 +44,6 @@ async def task_stream(websocket: WebSocket, id: str) -> None:
 
 def _authenticate(websocket: WebSocket, runtime: Runtime) -> uuid.UUID:
     scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    try:
-        certificate = presented_certificate(websocket.scope, runtime.settings)
-    except MalformedCertificate as exc:
-        raise Unauthorized(str(exc)) from exc
+    caller = Caller(token=token if scheme.lower() == "bearer" else None, scope=websocket.scope)
     with transaction(runtime.engine) as session:
-        caller = authenticate_agent(
-            session=session,
-            ca=runtime.ca,
-            signer=runtime.token_signer,
-            token=token if scheme.lower() == "bearer" else None,
-            certificate=certificate,
-        )
-        return caller.agent.id
+        return authenticate(session, runtime, caller).agent.id

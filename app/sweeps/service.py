@@ -19,12 +19,13 @@ from app.db import after_commit
 from app.jobs import EXPAND_DISPATCH, JobQueue
 from app.models import Agent, Dispatch, RegistrationToken, Task
 from app.models.types import utcnow
-from app.notify import AgentEvent, Notifier
+from app.notify import Notifier
 from app.settings import Settings
+from app.tasks import service as tasks_service
+from app.tasks.schemas import RUNNING_STATUSES
 from pki import CertificateAuthority, load_public_key_pem
 
 LIVE_STATUSES = ("online", "degraded")
-RUNNING_STATUSES = ("assigned", "running")
 RENEWAL_BATCH = 500
 
 
@@ -89,14 +90,9 @@ def time_out_tasks(
         execution_options={"synchronize_session": False},
     ).all()
     ended = [TimedOut(task_id=task_id, agent_id=agent_id) for task_id, agent_id in rows]
-
-    def announce() -> None:
-        for item in ended:
-            notifier.publish(
-                AgentEvent("task_cancelled", agent_id=item.agent_id, task_id=item.task_id)
-            )
-
-    after_commit(session, announce)
+    tasks_service.notify_cancelled(
+        session=session, notifier=notifier, ended=[(item.task_id, item.agent_id) for item in ended]
+    )
     return ended
 
 

@@ -18,7 +18,7 @@ from app.api.deps import (
 )
 from app.api.problems import problems
 from app.dispatch import service as dispatch_service
-from app.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.pagination import DEFAULT_LIMIT, MAX_LIMIT, set_next_link
 from app.tasks import service
 from app.tasks.schemas import (
     Acknowledged,
@@ -116,9 +116,7 @@ async def list_tasks(
             session=session, agent_id=agent_id, status=status, limit=limit, cursor=cursor
         ),
     )
-    if next_cursor is not None:
-        next_url = request.url.include_query_params(cursor=next_cursor)
-        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    set_next_link(request, response, next_cursor)
     return tasks
 
 

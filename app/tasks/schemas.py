@@ -16,6 +16,8 @@ TaskStatus = Literal[
     "pending", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out"
 ]
 OPEN_STATUSES: tuple[str, ...] = ("pending", "assigned", "running")
+# Delivered and not finished: what a timeout, progress or completion applies to.
+RUNNING_STATUSES: tuple[str, ...] = ("assigned", "running")
 FINAL_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled", "timed_out")
 MAX_TIMEOUT = 7 * 24 * 3600
 

@@ -25,6 +25,7 @@ from app.tasks.credentials import CredentialCipher
 from app.tasks.schemas import (
     FINAL_STATUSES,
     OPEN_STATUSES,
+    RUNNING_STATUSES,
     LogLine,
     TaskComplete,
     TaskCreate,
@@ -111,6 +112,18 @@ def notify_created(
     )
 
 
+def notify_cancelled(
+    *, session: Session, notifier: Notifier, ended: Sequence[tuple[uuid.UUID, uuid.UUID]]
+) -> None:
+    """After commit, tell each agent to stop its task: `ended` holds (task_id, agent_id)."""
+
+    def announce() -> None:
+        for task_id, agent_id in ended:
+            notifier.publish(AgentEvent("task_cancelled", agent_id=agent_id, task_id=task_id))
+
+    after_commit(session, announce)
+
+
 def claim_pending(*, session: Session, agent_id: uuid.UUID, limit: int = CLAIM_BATCH) -> list[Task]:
     """Mark the agent's best pending tasks assigned and return them, best first.
 
@@ -170,14 +183,7 @@ def open_tasks_for_agent(
     ).all()
     return [
         TaskPending(
-            task_id=task.id,
-            task_type=task.task_type,
-            payload=task.payload,
-            credentials=_credentials(task, cipher),
-            timeout=task.timeout,
-            priority=task.priority,
-            status=task.status,
-            created_at=task.created_at,
+            **deliver(task, cipher).model_dump(), status=task.status, created_at=task.created_at
         )
         for task in tasks
     ]
@@ -203,7 +209,7 @@ def complete(
         .where(
             col(Task.id) == task_id,
             col(Task.agent_id) == agent_id,
-            col(Task.status).in_(("assigned", "running")),
+            col(Task.status).in_(RUNNING_STATUSES),
         )
         .values(
             status=outcome,
@@ -219,13 +225,9 @@ def complete(
         append_logs(session=session, settings=settings, task_id=task_id, lines=report.logs)
         return
     task = session.get(Task, task_id)
-    if task is None or task.agent_id != agent_id:
-        raise NotFound(f"task {task_id} not found")
-    if task.status == outcome:
+    if task is not None and task.agent_id == agent_id and task.status == outcome:
         return
-    if task.status == "pending":
-        raise Conflict(f"task {task_id} was not delivered yet")
-    raise Conflict(f"task {task_id} already ended as {task.status}")
+    _refuse_update(session=session, agent_id=agent_id, task_id=task_id)
 
 
 def append_logs(
@@ -307,7 +309,7 @@ def record_progress(
         .where(
             col(Task.id) == task_id,
             col(Task.agent_id) == agent_id,
-            col(Task.status).in_(("assigned", "running")),
+            col(Task.status).in_(RUNNING_STATUSES),
         )
         .values(**values, started_at=func.coalesce(col(Task.started_at), now))
         .returning(col(Task.id)),
@@ -325,7 +327,7 @@ def append_agent_log(
         select(col(Task.id)).where(
             col(Task.id) == task_id,
             col(Task.agent_id) == agent_id,
-            col(Task.status).in_(("assigned", "running")),
+            col(Task.status).in_(RUNNING_STATUSES),
         )
     ).first()
     if owned is None:
@@ -361,11 +363,7 @@ def cancel(*, session: Session, notifier: Notifier, task_id: uuid.UUID) -> Task:
         if task is None:
             raise NotFound(f"task {task_id} not found")
         raise Conflict(f"task {task_id} already ended as {task.status}")
-    agent_id = cancelled.agent_id
-    after_commit(
-        session,
-        lambda: notifier.publish(AgentEvent("task_cancelled", agent_id=agent_id, task_id=task_id)),
-    )
+    notify_cancelled(session=session, notifier=notifier, ended=[(task_id, cancelled.agent_id)])
     return cancelled
 
 

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from agent.client import CredentialsRefused
+from agent.labels import parse_labels
 from agent.simulate import (
     Histogram,
     SimAgent,
@@ -29,7 +30,6 @@ from agent.simulate import (
     Simulation,
     SimulationError,
     Stats,
-    parse_labels,
     read_token_file,
 )
 from tests.conftest import ADMIN_TOKEN, Stack, mint_token

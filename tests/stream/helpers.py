@@ -22,8 +22,6 @@ from typing import Any
 
 import httpx
 import redis
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from websockets.asyncio.client import ClientConnection, connect
 
 from app.agents import service as agents_service
@@ -32,7 +30,7 @@ from app.db import transaction
 from app.notify import agent_channel
 from app.runtime import Runtime
 from app.tokens import service as tokens_service
-from tests.conftest import POSTGRES_URL, mint_token, service_unavailable
+from tests.conftest import mint_token
 
 
 @dataclass(frozen=True)
@@ -206,29 +204,6 @@ def percentile(samples: Sequence[float], fraction: float) -> float:
 
 
 # --- a private PostgreSQL database ---------------------------------------------------------
-
-
-def _postgres_admin(statement: str) -> None:
-    engine = create_engine(make_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            connection.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
-def create_postgres_database(name: str) -> str:
-    """A new empty database on the test server (a loud skip where it is unreachable)."""
-    try:
-        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        _postgres_admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:  # any failure to connect means "unreachable"
-        service_unavailable(f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc}")
-    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_postgres_database(name: str) -> None:
-    _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

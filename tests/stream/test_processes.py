@@ -29,7 +29,9 @@ from app.settings import Settings
 from tests.conftest import (
     ADMIN_TOKEN,
     REDIS_URL,
+    create_postgres_database,
     dispatch,
+    drop_postgres_database,
     drop_redis_keys,
     free_port,
     require_redis,
@@ -39,8 +41,6 @@ from tests.stream.helpers import (
     StreamAgent,
     client_context,
     connect_stream,
-    create_postgres_database,
-    drop_postgres_database,
     open_stream,
     percentile,
     receive,
