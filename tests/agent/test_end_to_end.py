@@ -202,7 +202,9 @@ def test_sigterm_kills_a_task_past_the_grace_and_reports_it(
     process.wait_for("task stream connected")
     task_id = dispatch_pull(operator, agent.agent_id, "team/slow")
     wait_task(operator, task_id, {"running"})
+    deadline = time.monotonic() + 10
     while not agent.fake.pids_started():
+        assert time.monotonic() < deadline, process.output()
         time.sleep(0.05)
 
     process.stop()  # SIGTERM; --shutdown-grace 1
@@ -226,7 +228,9 @@ def test_a_cancelled_task_kills_its_process(
     process.wait_for("task stream connected")
     task_id = dispatch_pull(operator, agent.agent_id, "team/slow")
     wait_task(operator, task_id, {"running"})
+    deadline = time.monotonic() + 10
     while not agent.fake.pids_started():
+        assert time.monotonic() < deadline, process.output()
         time.sleep(0.05)
 
     response = operator.post(f"/api/v1/tasks/{task_id}/cancel")

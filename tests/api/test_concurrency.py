@@ -71,12 +71,16 @@ class TestContention:
             )
             for _ in range(CONCURRENCY)
         ]
+        answers: list[httpx.Response] = [None] * CONCURRENCY  # type: ignore[list-item]
+
+        def mint(i: int) -> int:
+            answers[i] = clients[i].post("/api/v1/registration-tokens", json={})
+            return answers[i].status_code
+
         try:
-            statuses = _together(
-                CONCURRENCY,
-                lambda i: clients[i].post("/api/v1/registration-tokens", json={}).status_code,
-            )
+            statuses = _together(CONCURRENCY, mint)
         finally:
             for client in clients:
                 client.close()
         assert statuses == [201] * CONCURRENCY
+        assert len({answer.json()["token"] for answer in answers}) == CONCURRENCY

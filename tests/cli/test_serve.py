@@ -123,6 +123,8 @@ class TestServeTls:
     def test_certificate_from_another_ca_fails_the_handshake(
         self, served: Served, tmp_path: Path
     ) -> None:
+        # The server answers a client it trusts: a refusal below is the certificate's doing.
+        assert httpx.get(f"{served.url}/healthz", verify=served.context()).status_code == 200
         foreign = load_or_create_pki(tmp_path / "foreign-pki")
         key = generate_agent_key()
         cert = issue_client_certificate(

@@ -17,13 +17,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import text
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close, Frame, Opcode
@@ -520,25 +520,60 @@ class TestDatabaseTrouble:
         stack: Stack,
         register: Register,
         operator: httpx.Client,
-        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         agent = register()
         task_id = delivered_task(operator, agent)
-
-        def unavailable(**_: Any) -> None:
-            raise OperationalError("UPDATE tasks", {}, ConnectionError("server closed"))
-
-        # The server runs in this process: its stream sees the patched service.
-        monkeypatch.setattr(tasks_service, "record_progress", unavailable)
 
         async def scenario() -> Close:
             async with open_stream(stack, agent) as websocket:
                 await send(websocket, progress(task_id, 5))
                 return await closed_with(websocket)
 
-        close = asyncio.run(scenario())
+        # The real database refuses the progress UPDATE (a trigger), as a
+        # failing server would: no service or session is replaced.
+        with failing_task_updates(stack):
+            close = asyncio.run(scenario())
         assert close.code == 1013, close  # try again later, as documented
         assert "reconnect" in close.reason
+
+
+@contextmanager
+def failing_task_updates(stack: Stack) -> Iterator[None]:
+    """Make every UPDATE of a task row fail in the database until the block ends."""
+    engine = stack.runtime.engine
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(
+                text(
+                    "CREATE FUNCTION refuse_task_update() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'database failing'; END $$"
+                )
+            )
+            connection.execute(
+                text(
+                    "CREATE TRIGGER refuse_task_update BEFORE UPDATE ON tasks "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_task_update()"
+                )
+            )
+        else:
+            connection.execute(
+                text(
+                    "CREATE TRIGGER refuse_task_update BEFORE UPDATE ON tasks "
+                    "BEGIN SELECT RAISE(ABORT, 'database failing'); END"
+                )
+            )
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "DROP TRIGGER refuse_task_update"
+                    + (" ON tasks" if engine.dialect.name == "postgresql" else "")
+                )
+            )
+            if engine.dialect.name == "postgresql":
+                connection.execute(text("DROP FUNCTION refuse_task_update()"))
 
 
 # --- keepalive -----------------------------------------------------------------------------

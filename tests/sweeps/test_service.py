@@ -376,10 +376,12 @@ class TestTimeOutTasks:
 
     def test_nothing_due_returns_nothing(self, stack: Stack) -> None:
         agent = agent_row(stack)
-        insert(stack, agent, task_row(stack, agent, assigned_at=utcnow()))
+        fresh = task_row(stack, agent, assigned_at=utcnow())
+        insert(stack, agent, fresh)
         with transaction(stack.runtime.engine) as session:
             ended = service.time_out_tasks(session=session, notifier=NOTIFIER)
         assert ended == []
+        assert load(stack, Task, fresh.id).status == fresh.status
 
     def test_the_agent_is_told_after_commit_only(
         self, stack: Stack, events: Callable[[Agent], list[AgentEvent]]

@@ -88,8 +88,12 @@ class TestDispatchToOneAgent:
     ) -> None:
         agent = register()
         assert agent.heartbeat(status="unhealthy").status_code == 200
+        assert operator.get(f"/api/v1/agents/{agent.id}").json()["status"] == "degraded"
         response = dispatch(operator, {"agentId": agent.id})
         assert response.status_code == 201, response.text
+        task_id = response.json()["tasks"][0]["taskId"]
+        delivered = agent.heartbeat(status="unhealthy").json()["tasks"]
+        assert [task["taskId"] for task in delivered] == [task_id]
 
     @pytest.mark.parametrize(
         "body",
