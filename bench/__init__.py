@@ -1,0 +1,1 @@
+"""Stella's benchmark harness: `python -m bench` (see bench/README.md)."""
