@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.agents.heartbeats import HeartbeatService
 from app.agents.router import router as agents_router
 from app.api.body_limit import BodyLimitMiddleware
 from app.certs.router import router as certs_router
 from app.dispatch.router import router as dispatch_router
 from app.errors import install_error_handlers
 from app.health.router import router as health_router
-from app.notify import LocalNotifier
+from app.notify import AgentEvent, LocalNotifier
 from app.runtime import Runtime, build_runtime
 from app.settings import Settings, get_settings
 from app.stream.hub import Hub, LocalHub, RedisHub
@@ -30,11 +32,24 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     bound_runtime = runtime
 
     hub = make_hub(runtime)
+    heartbeats = HeartbeatService(runtime)
+    hub.listen(heartbeats.on_event)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+
+        # Events this process publishes (from worker threads), onto the loop;
+        # queued before the publishing request's own answer resumes.
+        def hear(event: AgentEvent) -> None:
+            loop.call_soon_threadsafe(heartbeats.on_event, event)
+
+        bound_runtime.notifier.subscribe_all(hear)
         await hub.start()
+        await heartbeats.start()
         yield
+        # Heartbeats first: their last writes need the database, not the hub.
+        await heartbeats.stop()
         await hub.stop()
         bound_runtime.close()
 
@@ -46,6 +61,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.state.runtime = runtime
     app.state.hub = hub
+    app.state.heartbeats = heartbeats
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     for router in (

@@ -39,6 +39,21 @@ class AgentEvent:
             {"kind": self.kind, "taskId": str(self.task_id) if self.task_id else None}
         )
 
+    def encode_with_agent(self) -> str:
+        """For the fleet channel, where the channel does not name the agent."""
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "agentId": str(self.agent_id),
+                "taskId": str(self.task_id) if self.task_id else None,
+            }
+        )
+
+    @classmethod
+    def decode_with_agent(cls, data: str | bytes) -> AgentEvent:
+        body = json.loads(data)
+        return cls.decode(uuid.UUID(body["agentId"]), data)
+
     @classmethod
     def decode(cls, agent_id: uuid.UUID, data: str | bytes) -> AgentEvent:
         body = json.loads(data)
@@ -53,11 +68,28 @@ def agent_channel(prefix: str, agent_id: uuid.UUID) -> str:
     return f"{prefix}stella:agent:{agent_id}"
 
 
+def fleet_channel(prefix: str) -> str:
+    """The pub/sub channel every web process hears: every agent's events, once more."""
+    return f"{prefix}stella:fleet"
+
+
 Listener = Callable[[AgentEvent], None]
+
+
+def _tell(listeners: list[Listener], event: AgentEvent) -> None:
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            # One listener failing (its loop gone at shutdown) must not stop the others.
+            log.exception("listener failed on %s for agent %s", event.kind, event.agent_id)
 
 
 class Notifier(Protocol):
     def publish(self, event: AgentEvent) -> None: ...
+
+    def subscribe_all(self, listener: Listener) -> None:
+        """Hear every event this process publishes, synchronously, as it is published."""
 
 
 class LocalNotifier:
@@ -66,12 +98,17 @@ class LocalNotifier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._listeners: dict[uuid.UUID, list[Listener]] = {}
+        self._fleet_listeners: list[Listener] = []
 
     def publish(self, event: AgentEvent) -> None:
         with self._lock:
-            listeners = list(self._listeners.get(event.agent_id, ()))
-        for listener in listeners:
-            listener(event)
+            listeners = [*self._fleet_listeners, *self._listeners.get(event.agent_id, ())]
+        _tell(listeners, event)
+
+    def subscribe_all(self, listener: Listener) -> None:
+        """Call `listener` for every event of every agent (for the life of the process)."""
+        with self._lock:
+            self._fleet_listeners.append(listener)
 
     def subscribe(self, agent_id: uuid.UUID, listener: Listener) -> Callable[[], None]:
         """Call `listener` for each event of `agent_id`; returns the unsubscribe function."""
@@ -99,10 +136,23 @@ class RedisNotifier:
     def __init__(self, url: str, *, prefix: str = "") -> None:
         self._client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
         self._prefix = prefix
+        self._fleet = fleet_channel(prefix)
+        self._local: list[Listener] = []
+
+    def subscribe_all(self, listener: Listener) -> None:
+        self._local.append(listener)
 
     def publish(self, event: AgentEvent) -> None:
+        # This process first, before its request is answered: its own next
+        # request must not depend on a round trip through Redis.
+        _tell(self._local, event)
         try:
-            self._client.publish(agent_channel(self._prefix, event.agent_id), event.encode())
+            # One round trip: the agent's channel (its stream) and the fleet
+            # channel (every web process's heartbeat caches and pending index).
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.publish(agent_channel(self._prefix, event.agent_id), event.encode())
+                pipe.publish(self._fleet, event.encode_with_agent())
+                pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not publish %s for agent %s: %s", event.kind, event.agent_id, exc)
 

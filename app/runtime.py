@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 
 from app.auth.agent_token import AgentTokenSigner
+from app.auth.cache import AgentAuthCache
 from app.db import make_engine
 from app.jobs import CeleryJobQueue, JobQueue, make_celery, prepare_embedded_broker
 from app.notify import LocalNotifier, Notifier, RedisNotifier
@@ -28,6 +29,12 @@ class Runtime:
     cipher: CredentialCipher
     jobs: JobQueue
     notifier: Notifier = field(default_factory=LocalNotifier)
+    auth: AgentAuthCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.auth = AgentAuthCache(
+            ca=self.ca, signer=self.token_signer, capacity=self.settings.auth_cache_size
+        )
 
     def close(self) -> None:
         self.engine.dispose()

@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     agent_log_level: Literal["debug", "info", "warning", "error"] = "info"
     offline_after_missed: int = Field(3, ge=1)
     sweep_interval: int | None = Field(None, ge=1)
+    # Heartbeats are written behind, one statement per web process per this
+    # many seconds: the most a crashed web process can lose (0: write each
+    # heartbeat in its own transaction).
+    heartbeat_flush_interval: float = Field(1.0, ge=0, le=10)
+    # How often each web process re-reads which agents have pending tasks,
+    # in case a notification was lost (Redis unreachable when it was sent).
+    pending_reconcile_interval: float = Field(30.0, gt=0, le=3600)
+    # Verified tokens, certificates and registrations kept per web process.
+    auth_cache_size: int = Field(200_000, ge=0)
 
     cert_ttl: int = Field(86400, ge=60)
     cert_renewal_window: int = Field(3600, ge=0)

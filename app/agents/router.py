@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from sqlmodel import Session
 
 from app.agents import service
+from app.agents.heartbeats import HeartbeatService
 from app.agents.schemas import (
     AgentDeleted,
     AgentDetail,
@@ -25,8 +26,8 @@ from app.api.deps import (
     CallerDep,
     RegistrationTokenDep,
     RuntimeDep,
-    authenticate_self,
     authorize_operator_or_self,
+    caller_certificate,
     in_transaction,
 )
 from app.api.problems import problems
@@ -67,6 +68,7 @@ async def list_agents(
 ) -> list[AgentPublic]:
     """The fleet by name; the next page's URL is in the `Link` header (rel="next")."""
     labels = _parse_labels(label or [])
+    await _heartbeats(request).flush()
     agents, next_cursor = await in_transaction(
         runtime,
         lambda session: service.list_public(
@@ -83,8 +85,11 @@ async def list_agents(
 
 
 @router.get("/{id}", responses=problems(401, 403, 404, 422))
-async def get_agent(agent_id: AgentIdPath, runtime: RuntimeDep, caller: CallerDep) -> AgentDetail:
+async def get_agent(
+    agent_id: AgentIdPath, request: Request, runtime: RuntimeDep, caller: CallerDep
+) -> AgentDetail:
     """One agent in full (operators, or the agent itself)."""
+    await _heartbeats(request).flush()
 
     def work(session: Session) -> AgentDetail:
         authorize_operator_or_self(session, runtime, caller, agent_id)
@@ -120,23 +125,29 @@ async def delete_agent(agent_id: AgentIdPath, runtime: RuntimeDep) -> AgentDelet
     return AgentDeleted()
 
 
-@router.post("/{id}/heartbeat", responses=problems(401, 403, 422))
+# The answer of most heartbeats, ready-made.
+_NO_TASKS = b'{"tasks":[]}'
+
+
+@router.post("/{id}/heartbeat", response_model=HeartbeatAnswer, responses=problems(401, 403, 422))
 async def heartbeat(
-    agent_id: AgentIdPath, body: Heartbeat, runtime: RuntimeDep, caller: CallerDep
-) -> HeartbeatAnswer:
+    agent_id: AgentIdPath, body: Heartbeat, request: Request, runtime: RuntimeDep, caller: CallerDep
+) -> Any:
     """Report liveness; the answer carries pending tasks and, near expiry, a new certificate."""
+    answer = await _heartbeats(request).receive(
+        agent_id=agent_id,
+        report=body,
+        token=caller.token,
+        certificate_pem=caller_certificate(runtime, caller),
+    )
+    if answer is None:
+        return Response(_NO_TASKS, media_type="application/json")
+    return answer
 
-    def work(session: Session) -> HeartbeatAnswer:
-        me = authenticate_self(session, runtime, caller, agent_id)
-        return service.heartbeat(
-            session=session,
-            runtime=runtime,
-            agent=me.agent,
-            report=body,
-            presented_not_after=me.cert_not_after,
-        )
 
-    return await in_transaction(runtime, work)
+def _heartbeats(request: Request) -> HeartbeatService:
+    heartbeats: HeartbeatService = request.app.state.heartbeats
+    return heartbeats
 
 
 def _parse_labels(pairs: list[str]) -> dict[str, str]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm.attributes import flag_modified
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col
 
@@ -21,15 +19,11 @@ from app.agents.schemas import (
     AgentRegister,
     AgentRegistered,
     AgentUpdate,
-    CertificateRenewal,
-    Heartbeat,
-    HeartbeatAnswer,
 )
 from app.certs import service as certs_service
 from app.db import after_commit
 from app.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from app.models import Agent, Task
-from app.models.types import utcnow
 from app.notify import AgentEvent
 from app.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
 from app.runtime import Runtime
@@ -194,50 +188,3 @@ def delete_agent(*, session: Session, runtime: Runtime, agent_id: uuid.UUID) -> 
     tasks_service.cancel_all_for_agent(session=session, agent_id=agent_id, reason="agent deleted")
     notifier = runtime.notifier
     after_commit(session, lambda: notifier.publish(AgentEvent("agent_deleted", agent_id=agent_id)))
-
-
-def heartbeat(
-    *,
-    session: Session,
-    runtime: Runtime,
-    agent: Agent,
-    report: Heartbeat,
-    presented_not_after: dt.datetime,
-) -> HeartbeatAnswer:
-    """Record liveness and usage, hand over pending tasks, renew a certificate near expiry.
-
-    The agent row was read by authentication in this same transaction; its
-    UPDATE goes first, so two racing heartbeats of one agent queue on that
-    row, and the guarded claim gives each pending task to only one of them.
-    """
-    agent.last_heartbeat = utcnow()
-    agent.reported_status = report.status
-    agent.status = "online" if report.status == "healthy" else "degraded"
-    # Always write the status: the ORM skips a value equal to the one read at
-    # authentication, and the offline sweep may have changed the row since.
-    flag_modified(agent, "status")
-    if report.resource_usage is not None:
-        agent.resource_usage = report.resource_usage.model_dump(exclude_none=True)
-    if report.capabilities is not None:
-        agent.capabilities = list(report.capabilities)
-    agent.running_tasks = report.running_tasks
-    session.add(agent)
-    try:
-        session.flush()
-    except StaleDataError as exc:
-        # Deleted by a concurrent request after authentication read it.
-        raise Unauthorized("agent is not registered") from exc
-    claimed = tasks_service.claim_pending(session=session, agent_id=agent.id)
-    renewal = certs_service.renewal_for(
-        session=session,
-        ca=runtime.ca,
-        settings=runtime.settings,
-        agent=agent,
-        presented_not_after=presented_not_after,
-    )
-    return HeartbeatAnswer(
-        tasks=[tasks_service.deliver(task, runtime.cipher) for task in claimed],
-        certificate_renewal=(
-            CertificateRenewal(cert=renewal.pem, expires_at=renewal.not_after) if renewal else None
-        ),
-    )

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.auth.client_cert import MalformedCertificate, presented_certificate
+from app.auth.client_cert import MalformedCertificate, presented_certificate_pem
 from app.auth.service import AuthenticatedAgent, authenticate_agent, is_operator
 from app.db import transaction
 from app.errors import Forbidden, Unauthorized
@@ -85,17 +85,20 @@ def _run(engine: Engine, work: Callable[[Session], T]) -> T:
 
 def authenticate(session: Session, runtime: Runtime, caller: Caller) -> AuthenticatedAgent:
     """The agent the caller's JWT and client certificate both name (401 otherwise)."""
-    try:
-        certificate = presented_certificate(caller.scope, runtime.settings)
-    except MalformedCertificate as exc:
-        raise Unauthorized(str(exc)) from exc
     return authenticate_agent(
         session=session,
-        ca=runtime.ca,
-        signer=runtime.token_signer,
+        auth=runtime.auth,
         token=caller.token,
-        certificate=certificate,
+        certificate_pem=caller_certificate(runtime, caller),
     )
+
+
+def caller_certificate(runtime: Runtime, caller: Caller) -> str | None:
+    """The PEM client certificate the caller presented (401 when it is malformed)."""
+    try:
+        return presented_certificate_pem(caller.scope, runtime.settings)
+    except MalformedCertificate as exc:
+        raise Unauthorized(str(exc)) from exc
 
 
 def authenticate_self(

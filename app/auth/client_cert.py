@@ -25,11 +25,11 @@ class MalformedCertificate(Exception):
     """A certificate was presented but cannot be parsed."""
 
 
-def presented_certificate(scope: Mapping[str, Any], settings: Settings) -> x509.Certificate | None:
-    """The client certificate of this request, or None when there is none."""
+def presented_certificate_pem(scope: Mapping[str, Any], settings: Settings) -> str | None:
+    """The PEM client certificate of this request, unparsed, or None when there is none."""
     pem = client_cert_pem(scope)
     if pem is not None:
-        return _load(pem)
+        return pem
     if not settings.trusted_proxy_networks or not _from_trusted_proxy(scope, settings):
         return None
     header = settings.client_cert_header.lower().encode()
@@ -37,7 +37,7 @@ def presented_certificate(scope: Mapping[str, Any], settings: Settings) -> x509.
         if name == header:
             if len(value) > MAX_HEADER_CERT_BYTES:
                 raise MalformedCertificate("client certificate header is too large")
-            return _load(unquote(value.decode("latin-1")))
+            return unquote(value.decode("latin-1"))
     return None
 
 
@@ -52,7 +52,7 @@ def _from_trusted_proxy(scope: Mapping[str, Any], settings: Settings) -> bool:
     return any(address in network for network in settings.trusted_proxy_networks)
 
 
-def _load(pem: str) -> x509.Certificate:
+def load_certificate(pem: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(pem.encode())
     except ValueError as exc:

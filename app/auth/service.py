@@ -12,14 +12,13 @@ import datetime as dt
 import hmac
 from dataclasses import dataclass
 
-from cryptography import x509
 from pydantic import SecretStr
 from sqlmodel import Session
 
-from app.auth.agent_token import AgentTokenSigner, InvalidAgentToken
+from app.auth.cache import AgentAuthCache
 from app.errors import Unauthorized
 from app.models import Agent
-from pki import CertificateAuthority, CertificateRejected, verify_client_certificate
+from app.models.types import utcnow
 
 
 @dataclass
@@ -32,28 +31,14 @@ class AuthenticatedAgent:
 def authenticate_agent(
     *,
     session: Session,
-    ca: CertificateAuthority,
-    signer: AgentTokenSigner,
+    auth: AgentAuthCache,
     token: str | None,
-    certificate: x509.Certificate | None,
+    certificate_pem: str | None,
 ) -> AuthenticatedAgent:
     """The agent both credentials name; 401 when either is missing, bad or mismatched."""
-    if not token:
-        raise Unauthorized("agent token required (Authorization: Bearer ...)")
-    try:
-        claims = signer.verify(token)
-    except InvalidAgentToken as exc:
-        raise Unauthorized("agent token is invalid") from exc
-    if certificate is None:
-        raise Unauthorized("client certificate required (mutual TLS)")
-    try:
-        identity = verify_client_certificate(ca, certificate)
-    except CertificateRejected as exc:
-        raise Unauthorized(f"client certificate rejected: {exc}") from exc
-    if identity.agent_id != claims.agent_id or identity.key_thumbprint != claims.key_thumbprint:
-        raise Unauthorized("client certificate and token belong to different agents")
-    agent = session.get(Agent, claims.agent_id)
-    if agent is None or not hmac.compare_digest(agent.key_thumbprint, claims.key_thumbprint):
+    identity = auth.check(token, certificate_pem, utcnow())
+    agent = session.get(Agent, identity.agent_id)
+    if agent is None or not hmac.compare_digest(agent.key_thumbprint, identity.key_thumbprint):
         raise Unauthorized("agent is not registered")
     return AuthenticatedAgent(agent=agent, cert_not_after=identity.not_after)
 

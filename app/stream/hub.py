@@ -3,12 +3,17 @@
 A stream subscribes to its agent and reads events from an asyncio queue.
 Besides the events themselves the queue carries `RESYNC`: "you may have
 missed something, re-read the database", sent after (re)connecting to Redis.
+Fleet listeners (`Hub.listen`) hear the events other processes publish,
+and RESYNC, on the event loop (this process's own events reach them through
+`Notifier.subscribe_all`): the heartbeat path keeps its caches and its
+index of pending work with them.
 
 - `LocalHub`: events published in this process (`LocalNotifier`); the
   single-node fallback when STELLA_REDIS_URL is not set.
 - `RedisHub`: one Redis pub/sub connection per web process, one channel per
-  connected agent. It survives Redis restarts: a `get_message` loop (not
-  `listen()`, which dies with the connection) reconnects with backoff,
+  connected agent, and the fleet channel for the listeners. It survives
+  Redis restarts: a `get_message` loop (not `listen()`, which dies with
+  the connection) reconnects with backoff,
   resubscribes every channel, then tells every stream to resync, since
   messages published during the outage are gone.
 """
@@ -26,13 +31,15 @@ from typing import Literal, Protocol
 import redis
 import redis.asyncio as aioredis
 
-from app.notify import AgentEvent, LocalNotifier, agent_channel
+from app.notify import AgentEvent, LocalNotifier, agent_channel, fleet_channel
 
 log = logging.getLogger(__name__)
 
 Resync = Literal["resync"]
 RESYNC: Resync = "resync"
 StreamItem = AgentEvent | Resync
+# Hears other processes' events, and RESYNC; called on the event loop.
+FleetListener = Callable[[StreamItem], None]
 
 
 @dataclass(eq=False)
@@ -56,12 +63,17 @@ class Hub(Protocol):
 
     async def subscribe(self, agent_id: uuid.UUID) -> Subscription: ...
 
+    def listen(self, listener: FleetListener) -> None: ...
+
 
 class LocalHub:
     """Streams of this process hear events published by this process."""
 
     def __init__(self, notifier: LocalNotifier) -> None:
         self._notifier = notifier
+
+    def listen(self, listener: FleetListener) -> None:
+        """No other process publishes here, and nothing is ever lost: nothing to hear."""
 
     async def start(self) -> None:
         return None
@@ -89,11 +101,16 @@ class RedisHub:
     def __init__(self, url: str, *, prefix: str = "") -> None:
         self._url = url
         self._prefix = prefix
+        self._fleet = fleet_channel(prefix)
+        self._listeners: list[FleetListener] = []
         self._subscriptions: dict[uuid.UUID, set[Subscription]] = {}
         # Channel changes are applied by the reader task, which owns the connection.
         self._changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+
+    def listen(self, listener: FleetListener) -> None:
+        self._listeners.append(listener)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="stella-redis-hub")
@@ -148,8 +165,8 @@ class RedisHub:
                     await client.aclose()
 
     async def _serve(self, pubsub: aioredis.client.PubSub) -> None:
-        # A control channel keeps the connection subscribed while no agent is.
-        await pubsub.subscribe(f"{self._prefix}stella:hub")
+        # The fleet channel also keeps the connection subscribed while no agent is.
+        await pubsub.subscribe(self._fleet)
         # Pending changes are covered by the full subscribe below. Drop them
         # before the snapshot, not after the await: a stream arriving while
         # that SUBSCRIBE is sent queues a change the loop must still apply.
@@ -180,6 +197,9 @@ class RedisHub:
                 await pubsub.unsubscribe(channel)
 
     def _route(self, channel: bytes, data: bytes) -> None:
+        if channel.decode() == self._fleet:
+            self._tell_listeners(data)
+            return
         try:
             agent_id = uuid.UUID(channel.decode().rsplit(":", 1)[1])
             event = AgentEvent.decode(agent_id, data)
@@ -189,7 +209,18 @@ class RedisHub:
         for subscription in self._subscriptions.get(agent_id, ()):
             subscription.queue.put_nowait(event)
 
+    def _tell_listeners(self, data: bytes) -> None:
+        try:
+            event = AgentEvent.decode_with_agent(data)
+        except (ValueError, KeyError) as exc:
+            log.warning("ignoring malformed fleet event: %s", exc)
+            return
+        for listener in self._listeners:
+            listener(event)
+
     def _resync_all(self) -> None:
+        for listener in self._listeners:
+            listener(RESYNC)
         for subscriptions in self._subscriptions.values():
             for subscription in subscriptions:
                 subscription.queue.put_nowait(RESYNC)

@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import select, text, update
 from sqlmodel import Session, col
 
-from app.agents import service as agents_service
+from app.agents.heartbeat_writer import Beat, write_beats
 from app.agents.schemas import Heartbeat
 from app.db import transaction
 from app.models import Agent, Dispatch, RegistrationToken, Task
@@ -235,13 +235,10 @@ class TestMarkOffline:
             assert agent is not None
             sweeper.start()
             sweeper.join(timeout=30 if engine.dialect.name == "postgresql" else 0.3)
-            agents_service.heartbeat(
-                session=session,
-                runtime=stack.runtime,
-                agent=agent,
-                report=Heartbeat(status=reported),
-                presented_not_after=utcnow() + dt.timedelta(days=1),
-            )
+            # What the heartbeat path writes, at once or behind: the status is
+            # always written, so the sweep's "offline" cannot survive it.
+            beat = Beat.of(stale.id, Heartbeat(status=reported), utcnow())
+            assert write_beats(session.connection(), [beat]) == {stale.id}
             session.commit()
         sweeper.join(timeout=30)
 
