@@ -21,7 +21,7 @@ from app.agents.schemas import (
     AgentUpdate,
 )
 from app.certs import service as certs_service
-from app.db import after_commit
+from app.db import after_commit, insert_ignoring_conflicts
 from app.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from app.models import Agent, Task
 from app.notify import AgentEvent
@@ -73,12 +73,12 @@ def register(
         cert_serial=issued.serial,
         cert_not_after=issued.not_after,
     )
-    try:
-        with session.begin_nested():
-            session.add(agent)
-            session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"agent name {request.name!r} is already registered") from exc
+    # ON CONFLICT rather than a savepoint: two round trips fewer per registration.
+    inserted = insert_ignoring_conflicts(
+        session, Agent, [agent.model_dump()], conflict_columns=("name",), returning=("id",)
+    )
+    if not inserted:
+        raise Conflict(f"agent name {request.name!r} is already registered")
 
     settings = runtime.settings
     return AgentRegistered(
