@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.agents.heartbeat_lane import HeartbeatFastLane
 from app.agents.heartbeats import HeartbeatService
 from app.agents.router import router as agents_router
 from app.api.body_limit import BodyLimitMiddleware
@@ -64,6 +65,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.heartbeats = heartbeats
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: the common heartbeat skips everything else.
+    app.add_middleware(HeartbeatFastLane, heartbeats=heartbeats, settings=settings)
     for router in (
         health_router,
         certs_router,

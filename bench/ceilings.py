@@ -18,13 +18,14 @@ import uuid
 from typing import Annotated
 
 import uvicorn
-from fastapi import FastAPI, Path, WebSocket
+from fastapi import FastAPI, Path, Response, WebSocket
 from uvicorn.supervisors import Multiprocess
 
 from app.agents.schemas import AgentRegister, Heartbeat
 from app.server.options import websocket_options
 from app.server.tls import uvicorn_config
 from app.settings import get_settings
+from app.tasks.schemas import TaskCreate
 from pki import load_or_create_pki
 
 FIXED_REGISTRATION: dict[str, object] = {
@@ -33,10 +34,24 @@ FIXED_REGISTRATION: dict[str, object] = {
     "config": {"heartbeatInterval": 30, "taskPollInterval": 5, "logLevel": "info"},
     "certificate": {"cert": "x" * 700, "ca": "x" * 700, "expiresAt": "2030-01-01T00:00:00Z"},
 }
+FIXED_TASK: dict[str, object] = {
+    "tasks": [
+        {
+            "taskId": "00000000-0000-0000-0000-000000000000",
+            "agentId": "00000000-0000-0000-0000-000000000000",
+            "status": "pending",
+        }
+    ]
+}
 
 
 def heartbeat_app() -> FastAPI:
-    """POST /api/v1/agents/{id}/heartbeat: parse the heartbeat, answer no tasks."""
+    """Stella's hot endpoints with the body parsed and a fixed answer.
+
+    Heartbeat (no tasks), register (a fixed 201), task creation (a fixed
+    201), the task stream (accepts, then waits), and /bench/echo, a
+    WebSocket that sends every text message straight back.
+    """
     app = FastAPI()
 
     @app.get("/ready")
@@ -46,12 +61,29 @@ def heartbeat_app() -> FastAPI:
     @app.post("/api/v1/agents/{id}/heartbeat")
     async def heartbeat(
         agent_id: Annotated[uuid.UUID, Path(alias="id")], body: Heartbeat
-    ) -> dict[str, list[object]]:
-        return {"tasks": []}
+    ) -> Response:
+        # Ready-made bytes, as Stella's own answer of most heartbeats: the
+        # ceiling must not pay a serialization that Stella does not.
+        return Response(b'{"tasks":[]}', media_type="application/json")
 
     @app.post("/api/v1/agents/register", status_code=201)
     async def register(body: AgentRegister) -> dict[str, object]:
         return FIXED_REGISTRATION
+
+    @app.post("/api/v1/tasks", status_code=201)
+    async def create_task(body: TaskCreate) -> dict[str, object]:
+        return FIXED_TASK
+
+    @app.websocket("/bench/echo")
+    async def echo(websocket: WebSocket) -> None:
+        # Every text message straight back: one message each way, nothing else.
+        await websocket.accept()
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is not None:
+                await websocket.send_text(message["text"])
 
     @app.websocket("/api/v1/agents/{id}/task-stream")
     async def stream(websocket: WebSocket, id: str) -> None:

@@ -191,7 +191,7 @@ class BenchStack:
                 os.killpg(process.pid, 15)
             process.wait(timeout=20)
 
-    def _wait_ready(self, server: WebServer, path: str, timeout: float = 60) -> None:
+    def _wait_ready(self, server: WebServer, path: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         with httpx.Client(verify=self.server_context()) as client:
             while True:

@@ -135,23 +135,48 @@ class HeartbeatService:
         """Record the heartbeat; the answer, or None for "no tasks, no renewal"."""
         now = utcnow()
         identity = self.auth.check(token, certificate_pem, now)
-        registration = self.auth.registration(identity.agent_id)
-        renew = identity.not_after - now <= dt.timedelta(seconds=self.settings.cert_renewal_window)
         beat = Beat.of(agent_id, report, now)
+        if self._steady(beat, identity, now):
+            return None
+        return await self._full(beat, identity, renew=self._renewal_due(identity, now))
+
+    def receive_steady(
+        self,
+        *,
+        agent_id: uuid.UUID,
+        report: Heartbeat,
+        token: str | None,
+        certificate_pem: str | None,
+    ) -> bool:
+        """Record the heartbeat if it needs nothing but its checks and a buffered write.
+
+        False (nothing recorded) when it needs the full path; raises as
+        `receive` does when a check fails. No I/O: the fast lane calls it.
+        """
+        now = utcnow()
+        identity = self.auth.check(token, certificate_pem, now)
+        return self._steady(Beat.of(agent_id, report, now), identity, now)
+
+    def _steady(self, beat: Beat, identity: ClientIdentity, now: dt.datetime) -> bool:
+        registration = self.auth.registration(identity.agent_id)
         if (
             registration is None
             or registration.status != beat.status
-            or renew
             or self.writer is None
             or self.pending.maybe_pending(identity.agent_id)
+            or self._renewal_due(identity, now)
         ):
-            return await self._full(beat, identity, renew=renew)
+            return False
         if not hmac.compare_digest(registration.key_thumbprint, identity.key_thumbprint):
             raise Unauthorized("agent is not registered")
-        if identity.agent_id != agent_id:
+        if identity.agent_id != beat.agent_id:
             raise Forbidden("agent not authorized for this operation")
         self.writer.record(beat)
-        return None
+        return True
+
+    def _renewal_due(self, identity: ClientIdentity, now: dt.datetime) -> bool:
+        window = dt.timedelta(seconds=self.settings.cert_renewal_window)
+        return identity.not_after - now <= window
 
     async def _full(
         self, beat: Beat, identity: ClientIdentity, *, renew: bool

@@ -280,3 +280,54 @@ class TestWriteBehind:
         finally:
             web.kill()
         assert stored(fleet, agent).running_tasks == 11
+
+
+class TestFastLane:
+    """A warm agent's heartbeats go through the fast lane first: whatever it does
+    not answer itself must reach the route intact, and be answered as before."""
+
+    def test_a_body_sent_in_chunks_is_read_whole(self, fleet: Fleet) -> None:
+        (agent,) = register_in_process(fleet.runtime, fleet.tmp, 1, capabilities=["docker"])
+        body = b'{"status": "healthy", "runningTasks": 5}'
+        with fleet.agent("b", agent) as on_b:
+            warm(on_b, agent)
+            answer = on_b.post(
+                f"/api/v1/agents/{agent.id}/heartbeat",
+                content=iter([body[:7], body[7:20], body[20:]]),
+                headers={"Content-Type": "application/json"},
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == {"tasks": []}
+        assert until(lambda: stored(fleet, agent).running_tasks == 5, FLUSH_INTERVAL + 2)
+
+    @pytest.mark.parametrize(
+        ("content", "content_type", "status"),
+        [
+            (b'{"status": ', "application/json", 422),
+            (b'{"status": "healthy", "runningTasks": -1}', "application/json", 422),
+            (b'{"status": "healthy"}', "text/plain", 422),
+            (b'{"status": "healthy", "pad": "' + b"x" * 2_000_000 + b'"}', "application/json", 413),
+        ],
+        ids=["broken-json", "invalid-field", "not-json", "too-large"],
+    )
+    def test_what_the_lane_declines_the_route_answers(
+        self, fleet: Fleet, content: bytes, content_type: str, status: int
+    ) -> None:
+        (agent,) = register_in_process(fleet.runtime, fleet.tmp, 1, capabilities=["docker"])
+        with fleet.agent("b", agent) as on_b:
+            warm(on_b, agent)
+            answer = on_b.post(
+                f"/api/v1/agents/{agent.id}/heartbeat",
+                content=content,
+                headers={"Content-Type": content_type},
+            )
+        assert answer.status_code == status, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+
+    def test_another_agents_path_is_refused_even_when_both_are_warm(self, fleet: Fleet) -> None:
+        one, other = register_in_process(fleet.runtime, fleet.tmp, 2, capabilities=["docker"])
+        with fleet.agent("b", one) as on_b, fleet.agent("b", other) as other_on_b:
+            warm(on_b, one)
+            warm(other_on_b, other)
+            answer = beat(on_b, other)
+        assert answer.status_code == 403, answer.text
