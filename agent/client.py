@@ -37,6 +37,10 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 
 
+# Seconds an idle connection to the server is kept (see `_http`).
+KEEPALIVE_EXPIRY = 60.0
+
+
 class AgentError(Exception):
     """Base of the client's errors."""
 
@@ -133,6 +137,9 @@ class AgentClient:
             verify=self.ssl_context,
             headers={"Authorization": f"Bearer {self.identity.token}"},
             timeout=self.timeout,
+            # Heartbeats share one TLS connection: kept idle longer than the
+            # heartbeat interval, shorter than the server's keep-alive (75 s).
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
         )
 
     def reload_tls(self) -> None:

@@ -71,9 +71,10 @@ class SimOptions:
     request_timeout: float = 30.0
     shutdown_grace: float = 5.0
     start_index: int = 1
-    # Idle connections are dropped after this; below uvicorn's 5 s keep-alive, so that a
-    # request never races the server closing the connection it reuses.
-    keepalive: float = 4.0
+    # Idle connections are dropped after this; below the server's keep-alive
+    # (STELLA_KEEP_ALIVE_TIMEOUT, 75 s), so that a request never races the server
+    # closing the connection it reuses.
+    keepalive: float = 60.0
 
 
 def read_token_file(path: Path, needed: int) -> list[str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from app.agents.heartbeat_lane import HeartbeatFastLane
 from app.agents.heartbeats import HeartbeatService
@@ -54,7 +56,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         await hub.stop()
         bound_runtime.close()
 
-    app = FastAPI(
+    app = StellaApp(
+        heartbeats,
         title="Stella agent dispatch",
         version="0.1.0",
         summary="Registration, mTLS certificates, heartbeats and task dispatch for agents.",
@@ -65,8 +68,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.heartbeats = heartbeats
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    # Added last, so outermost: the common heartbeat skips everything else.
-    app.add_middleware(HeartbeatFastLane, heartbeats=heartbeats, settings=settings)
     for router in (
         health_router,
         certs_router,
@@ -79,6 +80,25 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     ):
         app.include_router(router)
     return app
+
+
+class StellaApp(FastAPI):
+    """FastAPI, with the heartbeat fast lane in front of its whole middleware stack.
+
+    Outermost, so that the steady heartbeat skips even the framework's own
+    error and telemetry middleware; the lane hands anything it does not
+    answer (and any error of its own) to that stack.
+    """
+
+    def __init__(self, heartbeats: HeartbeatService, **kwargs: Any) -> None:
+        self._heartbeats = heartbeats
+        super().__init__(**kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return HeartbeatFastLane(
+            stack, heartbeats=self._heartbeats, settings=self._heartbeats.settings
+        )
 
 
 def make_hub(runtime: Runtime) -> Hub:

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     client_cert_header: str = "X-Client-Cert"
 
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # Seconds an idle HTTP connection stays open. Longer than the heartbeat
+    # interval, so that an agent's heartbeats share one TLS connection: a
+    # handshake costs the server far more than a heartbeat does.
+    keep_alive_timeout: int = Field(75, ge=1)
     task_default_timeout: int = Field(300, ge=1)
 
     # Fan-out: agents per committed batch, and an optional pause between

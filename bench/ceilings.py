@@ -120,6 +120,7 @@ def main() -> None:
         server_key_file=server_key,
         workers=args.workers,
         log_level="warning",
+        timeout_keep_alive=settings.keep_alive_timeout,
         **websocket_options(settings),
     )
     if args.workers == 1:

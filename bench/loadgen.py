@@ -16,10 +16,11 @@ Two ways to offer load, both on the event loop `run` starts (uvloop):
   so a server that falls behind is charged for the queue it causes (no
   coordinated omission).
 
-uvicorn closes a keep-alive connection 5 s after its last answer (and never
-before its first request). A connection the server may close before its
-next send is therefore reopened before the clock starts, never during a
-measurement, where a request racing the close would fail for the client's
+The server closes a keep-alive connection STELLA_KEEP_ALIVE_TIMEOUT (75 s)
+after its last answer (and never before its first request). A connection
+the server may close before its next send is therefore reopened before the
+clock starts, never during a measurement, where a request racing the close
+would fail for the client's
 sake rather than the server's.
 
 A `Ledger` keeps what the agents saw: per agent, the wall-clock send and
@@ -54,8 +55,9 @@ HEARTBEAT = json.dumps(
     separators=(",", ":"),
 ).encode()
 NO_TASKS = b'{"tasks":[]}'
-# uvicorn's default keep-alive is 5 s; reopen anything that could idle this long.
-IDLE_LIMIT = 4.0
+# `stella serve` keeps an idle connection STELLA_KEEP_ALIVE_TIMEOUT (75 s) open, and the
+# ceiling the same; reopen anything that could idle close to that.
+IDLE_LIMIT = 60.0
 # An answer this late means the server hangs: the run stops rather than waits.
 STUCK_AFTER = 60.0
 # An open loop's sends still queued behind slow answers when it stops.

@@ -3,7 +3,8 @@
 Most heartbeats need nothing but their checks and a buffered write (see
 `HeartbeatService.receive_steady`). For those, FastAPI's routing, its
 middleware and dependency solving cost more than the heartbeat itself.
-This ASGI middleware, outermost in the app, answers exactly those:
+This ASGI middleware, in front of the app's whole middleware stack
+(`app.main.StellaApp`), answers exactly those:
 
 - `POST /api/v1/agents/{uuid}/heartbeat` with a JSON body within the size
   limit, a bearer token, and a body the same `Heartbeat` model accepts;
@@ -20,6 +21,7 @@ framework when the answer is `{"tasks": []}`.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
@@ -31,6 +33,8 @@ from app.agents.schemas import Heartbeat
 from app.auth.client_cert import MalformedCertificate, presented_certificate_pem
 from app.errors import StellaError
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _PATH = re.compile(r"/api/v1/agents/([0-9a-fA-F-]{32,36})/heartbeat")
 _NO_TASKS = b'{"tasks":[]}'
@@ -81,6 +85,11 @@ class HeartbeatFastLane:
             )
         except (ValueError, ValidationError, MalformedCertificate, StellaError):
             return False  # the route answers it, with its own problem+json
+        except Exception:
+            # Outside the framework's error handling: never a bare 500 from
+            # here; the route, which has it, answers instead.
+            log.exception("heartbeat fast lane failed; passing the request on")
+            return False
 
     async def _read(self, receive: Receive) -> tuple[list[Message], bytes | None]:
         """The request's messages, and its body (None: too large or cut short)."""

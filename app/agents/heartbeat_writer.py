@@ -63,7 +63,7 @@ class Beat:
 
     def following(self, earlier: Beat | None) -> Beat:
         """This beat, keeping what an earlier unwritten one reported that this one left out."""
-        if earlier is None:
+        if earlier is None or (self.resource_usage is not None and self.capabilities is not None):
             return self
         return replace(
             self,

@@ -44,6 +44,7 @@ def serve(
         server_key_file=server_key,
         workers=workers,
         log_level=log_level,
+        timeout_keep_alive=settings.keep_alive_timeout,
         **websocket_options(settings),
     )
     if workers == 1:

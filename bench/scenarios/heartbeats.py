@@ -164,8 +164,8 @@ async def _measure(
         steps = []
         for share in plan.steps:
             rate = TARGET_RATE * share
-            # At low rates, fewer agents: each still sends every IDLE_LIMIT s at most, so
-            # uvicorn's keep-alive never closes a connection and no step measures handshakes.
+            # At very low rates, fewer agents: each still sends every IDLE_LIMIT s at most,
+            # so the keep-alive never closes a connection and no step measures handshakes.
             count = min(len(conns), int(rate * loadgen.IDLE_LIMIT))
             steps.append(
                 await loadgen.open_loop(
