@@ -31,8 +31,11 @@ def make_engine(url: str) -> Engine:
         return _sqlite_engine(url, in_memory=parsed.database in (None, "", ":memory:"))
     return create_engine(
         url,
-        pool_size=10,
-        max_overflow=30,
+        # Kept open: about as many as a web process's request threads use at
+        # once. Overflow connections are opened and closed per checkout, and
+        # opening one costs more than most transactions.
+        pool_size=20,
+        max_overflow=10,
         # Recover by itself after the database restarts.
         pool_pre_ping=True,
         pool_recycle=1800,
