@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8443
 export STELLA_DATA_DIR ?= ./var
 
-.PHONY: install run test check pytest clean
+.PHONY: install run test check pytest bench bench-quick clean
 
 $(BIN)/stella: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ check: install
 
 pytest: install
 	$(BIN)/pytest
+
+# bench/README.md: every scenario against real processes (PostgreSQL, Redis).
+bench: install
+	$(BIN)/python -m bench
+
+bench-quick: install
+	$(BIN)/python -m bench --quick
 
 test: check pytest
 

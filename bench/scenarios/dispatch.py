@@ -139,6 +139,9 @@ async def _measure(
                 FANOUT_GOAL_S * len(fleet) / FANOUT,
                 higher_is_better=False,
                 unit=" s",
+                # Not met yet (README): quick mode holds the smaller fleet to
+                # the whole fleet's 2 s.
+                quick_goal=FANOUT_GOAL_S,
             ),
         ],
         ceiling={

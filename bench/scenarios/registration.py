@@ -104,7 +104,10 @@ def run(stack: BenchStack, *, quick: bool) -> ScenarioResult:
             "registrations_per_s_fresh_tls": measured_fresh.per_s,
             "registration_failures": float(failures),
         },
-        checks=[Check("registrations_per_s", 500, higher_is_better=True, unit="/s")],
+        # Not met yet (README): quick mode guards what main does now.
+        checks=[
+            Check("registrations_per_s", 500, higher_is_better=True, unit="/s", quick_goal=150)
+        ],
         ceiling={
             "registrations_per_s": ceiling_keep.per_s,
             "registrations_per_s_fresh_tls": ceiling_fresh.per_s,
