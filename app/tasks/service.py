@@ -146,6 +146,41 @@ def claim_pending(*, session: Session, agent_id: uuid.UUID, limit: int = CLAIM_B
     return sorted(claimed, key=_delivery_order)
 
 
+def claim_pending_for_agents(
+    *, session: Session, agent_ids: Sequence[uuid.UUID], limit: int = CLAIM_BATCH
+) -> dict[uuid.UUID, list[Task]]:
+    """`claim_pending` for many agents in one statement: each agent's best `limit`, best first.
+
+    A fan-out wakes hundreds of streams at once; one claim each would be
+    one transaction each. The same guard makes it exactly-once.
+    """
+    ranked = (
+        select(
+            col(Task.id).label("id"),
+            func.row_number()
+            .over(
+                partition_by=col(Task.agent_id),
+                order_by=(col(Task.priority).desc(), col(Task.created_at)),
+            )
+            .label("rank"),
+        )
+        .where(col(Task.agent_id).in_(agent_ids), col(Task.status) == "pending")
+        .subquery()
+    )
+    best = select(ranked.c.id).where(ranked.c.rank <= limit)
+    claimed = session.scalars(
+        update(Task)
+        .where(col(Task.id).in_(best.scalar_subquery()), col(Task.status) == "pending")
+        .values(status="assigned", assigned_at=utcnow())
+        .returning(Task),
+        execution_options={"synchronize_session": False},
+    ).all()
+    by_agent: dict[uuid.UUID, list[Task]] = {agent_id: [] for agent_id in agent_ids}
+    for task in sorted(claimed, key=_delivery_order):
+        by_agent[task.agent_id].append(task)
+    return by_agent
+
+
 def has_pending(*, session: Session, agent_id: uuid.UUID) -> bool:
     found = session.execute(
         select(col(Task.id))

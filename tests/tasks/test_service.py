@@ -114,3 +114,57 @@ class TestCompleteVersusCancel:
                 assert answers == {"cancel": 200, "complete": 409}
             else:
                 assert answers == {"cancel": 409, "complete": 200}
+
+
+class TestClaimPendingForAgents:
+    """service.claim_pending_for_agents: the streams' batched claim, as exactly-once."""
+
+    def test_each_agent_gets_its_own_best_first_up_to_the_limit(
+        self, stack: Stack, operator: httpx.Client, register: Register
+    ) -> None:
+        one, two, idle = register(), register(), register()
+        low = create_task(operator, one, priority=1)
+        high = create_task(operator, one, priority=9)
+        middle = create_task(operator, one, priority=5)
+        theirs = create_task(operator, two)
+        ids = [uuid.UUID(agent.id) for agent in (one, two, idle)]
+        with transaction(stack.runtime.engine) as session:
+            claimed = service.claim_pending_for_agents(session=session, agent_ids=ids, limit=2)
+        got = {agent_id: [str(task.id) for task in tasks] for agent_id, tasks in claimed.items()}
+        assert got == {ids[0]: [high, middle], ids[1]: [theirs], ids[2]: []}
+        with transaction(stack.runtime.engine) as session:
+            claimed = service.claim_pending_for_agents(session=session, agent_ids=ids, limit=2)
+        assert [str(task.id) for task in claimed[ids[0]]] == [low]
+
+    def test_concurrent_batches_never_hand_a_task_out_twice(
+        self, stack: Stack, operator: httpx.Client, register: Register
+    ) -> None:
+        agents = [register() for _ in range(3)]
+        ids = [uuid.UUID(agent.id) for agent in agents]
+        created = {create_task(operator, agent) for agent in agents for _ in range(4)}
+        handed: list[str] = []
+        barrier = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def claimer() -> None:
+            try:
+                barrier.wait(timeout=10)
+                while True:
+                    with transaction(stack.runtime.engine) as session:
+                        batch = service.claim_pending_for_agents(
+                            session=session, agent_ids=ids, limit=1
+                        )
+                    tasks = [str(task.id) for tasks in batch.values() for task in tasks]
+                    handed.extend(tasks)
+                    if not tasks:
+                        return
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=claimer) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        assert sorted(handed) == sorted(created)
