@@ -29,7 +29,8 @@ from cryptography import x509
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from app.server.websocket import LeanWebSocketsSansIOProtocol
 
 # ssl.SSLObject.version() -> the 16-bit protocol number the extension uses.
 _TLS_VERSIONS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -67,11 +68,15 @@ class _WithTLSExtension:
         self._tls = tls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            # A fresh copy per scope: an app that edits it cannot affect later requests.
+        if scope["type"] == "http":
+            # A fresh copy per request: an app that edits it cannot affect later requests.
             tls = self._tls.copy()
             tls["client_cert_chain"] = list(tls["client_cert_chain"])
             scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+        elif scope["type"] == "websocket":
+            # A WebSocket connection has one scope, kept as long as the stream
+            # is open: no later scope to protect, so no copy to keep.
+            scope["extensions"] = {**(scope.get("extensions") or {}), "tls": self._tls}
         await self._app(scope, receive, send)
 
 
@@ -131,8 +136,9 @@ class TLSHttpToolsProtocol(TLSScopeMixin, HttpToolsProtocol):
     """uvicorn's httptools HTTP protocol with the TLS extension."""
 
 
-class TLSWebSocketsSansIOProtocol(TLSScopeMixin, WebSocketsSansIOProtocol):
-    """uvicorn's websockets (sans-I/O) WebSocket protocol with the TLS extension."""
+class TLSWebSocketsSansIOProtocol(TLSScopeMixin, LeanWebSocketsSansIOProtocol):
+    """uvicorn's websockets (sans-I/O) WebSocket protocol, lightened (app/server/websocket.py),
+    with the TLS extension."""
 
 
 def __getattr__(name: str) -> type[asyncio.Protocol]:

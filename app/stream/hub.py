@@ -32,6 +32,7 @@ import redis
 import redis.asyncio as aioredis
 
 from app.notify import AgentEvent, LocalNotifier, agent_channel, fleet_channel
+from app.server.websocket import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class Subscription:
     """One stream's view of its agent's events."""
 
     agent_id: uuid.UUID
-    queue: asyncio.Queue[StreamItem] = field(default_factory=asyncio.Queue)
+    # Not an asyncio.Queue: this allocates nothing while the stream is idle.
+    queue: Inbox[StreamItem] = field(default_factory=Inbox)
     _close: Callable[[], None] | None = None
 
     def close(self) -> None:

@@ -1,30 +1,39 @@
-"""WS /api/v1/agents/{id}/task-stream: authenticated like every agent call."""
+"""WS /api/v1/agents/{id}/task-stream: authenticated like every agent call.
+
+A plain Starlette WebSocket route: the endpoint takes no dependencies, and
+FastAPI's dependency machinery (exit stacks, solved values) would stay in
+memory for as long as each of thousands of streams is open.
+"""
 
 from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
+from starlette.websockets import WebSocket
 
 from app.api.deps import Caller, authenticate
 from app.db import transaction
 from app.errors import StellaError
 from app.runtime import Runtime
+from app.stream.claims import ClaimBatcher
 from app.stream.hub import Hub
+from app.stream.recheck import Recheck
 from app.stream.session import CLOSE_FORBIDDEN, CLOSE_TRY_LATER, CLOSE_UNAUTHORIZED, TaskStream
 
-router = APIRouter(tags=["agents"])
+PATH = "/api/v1/agents/{id}/task-stream"
 
 
-@router.websocket("/api/v1/agents/{id}/task-stream")
-async def task_stream(websocket: WebSocket, id: str) -> None:
-    runtime: Runtime = websocket.app.state.runtime
-    hub: Hub = websocket.app.state.hub
+async def task_stream(websocket: WebSocket) -> None:
+    state: State = websocket.app.state
+    runtime: Runtime = state.runtime
+    hub: Hub = state.hub
     await websocket.accept()
     try:
-        agent_id = uuid.UUID(id)
+        agent_id = uuid.UUID(websocket.path_params["id"])
     except ValueError:
         await websocket.close(code=CLOSE_FORBIDDEN, reason="not an agent id")
         return
@@ -39,7 +48,25 @@ async def task_stream(websocket: WebSocket, id: str) -> None:
     if caller_id != agent_id:
         await websocket.close(code=CLOSE_FORBIDDEN, reason="agent not authorized for this stream")
         return
-    await TaskStream(websocket, runtime, hub, agent_id).run()
+    await TaskStream(websocket, runtime, agent_id).run(
+        hub, recheck(state, runtime), claims(state, runtime)
+    )
+
+
+def recheck(state: State, runtime: Runtime) -> Recheck:
+    """The web app's one `Recheck`, made by its first stream."""
+    found: Recheck | None = getattr(state, "stream_recheck", None)
+    if found is None:
+        found = state.stream_recheck = Recheck(runtime)
+    return found
+
+
+def claims(state: State, runtime: Runtime) -> ClaimBatcher:
+    """The web app's one `ClaimBatcher`, made by its first stream."""
+    found: ClaimBatcher | None = getattr(state, "stream_claims", None)
+    if found is None:
+        found = state.stream_claims = ClaimBatcher(runtime)
+    return found
 
 
 def _authenticate(websocket: WebSocket, runtime: Runtime) -> uuid.UUID:
@@ -47,3 +74,7 @@ def _authenticate(websocket: WebSocket, runtime: Runtime) -> uuid.UUID:
     caller = Caller(token=token if scheme.lower() == "bearer" else None, scope=websocket.scope)
     with transaction(runtime.engine) as session:
         return authenticate(session, runtime, caller).agent.id
+
+
+router = APIRouter(tags=["agents"])
+router.add_websocket_route(PATH, task_stream, name="task_stream")

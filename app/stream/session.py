@@ -7,8 +7,13 @@ Agent → server: `task_progress`, `task_log`, and `sync` (a barrier: its
 answer means every earlier message was stored, e.g. before completing).
 
 Every wake-up (an event, a resync after a pub/sub gap, or the periodic
-re-check every `taskPollInterval`) claims from the database, so a lost
-notification delays a task and never loses it.
+re-check every `taskPollInterval`, see `app.stream.recheck`) claims from
+the database, so a lost notification delays a task and never loses it.
+
+A web process holds thousands of these, mostly idle, so each is kept
+small: the connection's own task reads the agent's messages, one more
+task writes what the hub and the re-check wake it for, and nothing else
+is kept per stream (no timer: the re-check is one task per process).
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.db import transaction
 from app.errors import StellaError
-from app.models import Agent
 from app.runtime import Runtime
+from app.stream.claims import AgentGone, ClaimBatcher
 from app.stream.hub import RESYNC, Hub, StreamItem, Subscription
+from app.stream.recheck import Recheck
 from app.stream.schemas import (
     StreamError,
     Sync,
@@ -42,26 +48,25 @@ from app.stream.schemas import (
     outgoing,
 )
 from app.tasks import service as tasks_service
-from app.tasks.schemas import LogLine, TaskDelivery
+from app.tasks.schemas import LogLine
 
 log = logging.getLogger(__name__)
 
 # Close codes: 4401 credentials refused or agent deleted, 4403 another
-# agent's stream, 1008 too many messages, 1009 message too big, 1013 the
-# database is unavailable (reconnect later).
+# agent's stream, 1008 too many messages, 1009 message too big, 1011 a
+# server fault, 1013 the database is unavailable (reconnect later).
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_LATER = 1013
-
-
-class AgentGone(Exception):
-    """The agent was deleted while its stream was open."""
 
 
 class _RateLimit:
     """A token bucket: `rate` messages a second on average, bursts up to `burst`."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, float(burst)
@@ -78,26 +83,44 @@ class _RateLimit:
 
 
 class TaskStream:
-    def __init__(
-        self, websocket: WebSocket, runtime: Runtime, hub: Hub, agent_id: uuid.UUID
-    ) -> None:
+    __slots__ = ("_limit", "_send_lock", "agent_id", "runtime", "websocket")
+
+    def __init__(self, websocket: WebSocket, runtime: Runtime, agent_id: uuid.UUID) -> None:
         self.websocket = websocket
         self.runtime = runtime
-        self.hub = hub
         self.agent_id = agent_id
-        self.settings = runtime.settings
         self._send_lock = asyncio.Lock()
-        self._limit = _RateLimit(
-            self.settings.stream_messages_per_second, self.settings.stream_burst
-        )
+        settings = runtime.settings
+        self._limit = _RateLimit(settings.stream_messages_per_second, settings.stream_burst)
 
-    async def run(self) -> None:
+    async def run(self, hub: Hub, recheck: Recheck, claims: ClaimBatcher) -> None:
         """Serve the stream until the agent leaves, is deleted, or misbehaves."""
-        subscription = await self.hub.subscribe(self.agent_id)
-        reader = asyncio.create_task(self._read_loop(), name=f"stream-reader-{self.agent_id}")
+        subscription = await hub.subscribe(self.agent_id)
+        recheck.add(subscription)
+        writer = asyncio.create_task(self._write_loop(subscription, claims))
         try:
-            await self._deliver_pending()
-            await self._write_loop(subscription, reader)
+            await self._read_loop()
+        except DBAPIError:
+            log.warning("task stream of %s: database unavailable", self.agent_id)
+            await self._close(CLOSE_TRY_LATER, "database unavailable; reconnect later")
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the agent left, or the writer closed the stream, while we were sending
+        finally:
+            recheck.discard(subscription)
+            subscription.close()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _write_loop(self, subscription: Subscription, claims: ClaimBatcher) -> None:
+        """Claim and push on connect and on every wake-up; close the stream when it must end.
+
+        Closing makes the reader's `receive` return a disconnect, which ends `run`.
+        """
+        try:
+            await self._deliver_pending(claims)
+            while True:
+                await self._handle(await subscription.queue.get(), claims)
         except AgentGone:
             await self._close(CLOSE_UNAUTHORIZED, "agent deleted")
         except DBAPIError:
@@ -105,57 +128,33 @@ class TaskStream:
             await self._close(CLOSE_TRY_LATER, "database unavailable; reconnect later")
         except (WebSocketDisconnect, RuntimeError):
             pass  # the agent left while we were sending
-        finally:
-            subscription.close()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        except Exception:
+            log.exception("task stream of %s failed", self.agent_id)
+            await self._close(CLOSE_INTERNAL_ERROR, "internal error; reconnect later")
 
-    async def _write_loop(self, subscription: Subscription, reader: asyncio.Task[None]) -> None:
-        poll = self.settings.task_poll_interval
-        while True:
-            getter = asyncio.ensure_future(subscription.queue.get())
-            done, _ = await asyncio.wait(
-                {getter, reader}, timeout=poll, return_when=asyncio.FIRST_COMPLETED
-            )
-            if reader in done:
-                getter.cancel()
-                reader.result()  # a reader that failed (database down) fails the stream
-                return
-            item: StreamItem = getter.result() if getter in done else RESYNC
-            if getter not in done:
-                getter.cancel()
-            await self._handle(item)
-
-    async def _handle(self, item: StreamItem) -> None:
+    async def _handle(self, item: StreamItem, claims: ClaimBatcher) -> None:
         if item == RESYNC:
-            await self._deliver_pending()
+            await self._deliver_pending(claims)
             return
         assert not isinstance(item, str)
         if item.kind == "task_created":
-            await self._deliver_pending()
+            await self._deliver_pending(claims)
         elif item.kind == "task_cancelled" and item.task_id is not None:
             await self._send(TaskCancelledMessage(task_id=item.task_id))
         elif item.kind == "agent_deleted":
             raise AgentGone
 
-    async def _deliver_pending(self) -> None:
+    async def _deliver_pending(self, claims: ClaimBatcher) -> None:
+        # Claimed together with whatever other streams of this process claim now.
         while True:
-            deliveries = await run_in_threadpool(self._claim)
+            deliveries = await claims.claim(self.agent_id)
             for delivery in deliveries:
                 await self._send(TaskAssigned(task=delivery))
             if len(deliveries) < tasks_service.CLAIM_BATCH:
                 return
 
-    def _claim(self) -> list[TaskDelivery]:
-        with transaction(self.runtime.engine) as session:
-            if session.get(Agent, self.agent_id) is None:
-                raise AgentGone
-            claimed = tasks_service.claim_pending(session=session, agent_id=self.agent_id)
-            return [tasks_service.deliver(task, self.runtime.cipher) for task in claimed]
-
     async def _read_loop(self) -> None:
-        limit = self.settings.stream_max_message_bytes
+        limit = self.runtime.settings.stream_max_message_bytes
         while True:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -207,7 +206,7 @@ class TaskStream:
             else:
                 tasks_service.append_agent_log(
                     session=session,
-                    settings=self.settings,
+                    settings=self.runtime.settings,
                     agent_id=self.agent_id,
                     task_id=message.task_id,
                     line=LogLine(

@@ -93,7 +93,7 @@ def alive(pid: int) -> bool:
     """Whether `pid` is a live process (a zombie counts as dead)."""
     try:
         status = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going while read
         return False
     return status.rsplit(")", 1)[1].split()[0] != "Z"
 
