@@ -39,44 +39,42 @@ class ClaimBatcher:
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._waiting: dict[uuid.UUID, list[asyncio.Future[list[TaskDelivery]]]] = {}
-        self._draining = False
+        # A strong reference: the loop keeps only weak ones, and a drain
+        # collected mid-flight would leave every later claim waiting.
+        self._drainer: asyncio.Task[None] | None = None
 
     async def claim(self, agent_id: uuid.UUID) -> list[TaskDelivery]:
         """The agent's pending tasks, now assigned to it, best first (AgentGone if deleted)."""
         future: asyncio.Future[list[TaskDelivery]] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(agent_id, []).append(future)
-        if not self._draining:
-            self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                agents = list(self._waiting)[:MAX_BATCH]
-                batch = {agent_id: self._waiting.pop(agent_id) for agent_id in agents}
-                try:
-                    claimed, gone = await run_in_threadpool(self._claim_many, agents)
-                except Exception as exc:  # the database is down: every waiter fails alike
-                    for futures in batch.values():
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(exc)
-                    continue
-                for agent_id, futures in batch.items():
-                    # One stream of an agent gets its tasks; a second waiter of the
-                    # same agent gets none (its tasks are already on their way).
-                    deliveries = claimed.get(agent_id, [])
+        while self._waiting:
+            agents = list(self._waiting)[:MAX_BATCH]
+            batch = {agent_id: self._waiting.pop(agent_id) for agent_id in agents}
+            try:
+                claimed, gone = await run_in_threadpool(self._claim_many, agents)
+            except Exception as exc:  # the database is down: every waiter fails alike
+                for futures in batch.values():
                     for future in futures:
-                        if future.done():
-                            continue
-                        if agent_id in gone:
-                            future.set_exception(AgentGone())
-                        else:
-                            future.set_result(deliveries)
-                            deliveries = []
-        finally:
-            self._draining = False
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for agent_id, futures in batch.items():
+                # One stream of an agent gets its tasks; a second waiter of the
+                # same agent gets none (its tasks are already on their way).
+                deliveries = claimed.get(agent_id, [])
+                for future in futures:
+                    if future.done():
+                        continue
+                    if agent_id in gone:
+                        future.set_exception(AgentGone())
+                    else:
+                        future.set_result(deliveries)
+                        deliveries = []
 
     def _claim_many(
         self, agent_ids: Sequence[uuid.UUID]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Select, func, insert, select, update
 from sqlmodel import Session, col
 
 from app.db import after_commit
@@ -125,25 +126,14 @@ def notify_cancelled(
 
 
 def claim_pending(*, session: Session, agent_id: uuid.UUID, limit: int = CLAIM_BATCH) -> list[Task]:
-    """Mark the agent's best pending tasks assigned and return them, best first.
-
-    The `status = 'pending'` guard on the UPDATE itself (not only in the
-    subquery) is what makes a task go to exactly one of two racing claims.
-    """
+    """Mark the agent's best pending tasks assigned and return them, best first."""
     best = (
         select(col(Task.id))
         .where(col(Task.agent_id) == agent_id, col(Task.status) == "pending")
         .order_by(col(Task.priority).desc(), col(Task.created_at))
         .limit(limit)
     )
-    claimed = session.scalars(
-        update(Task)
-        .where(col(Task.id).in_(best.scalar_subquery()), col(Task.status) == "pending")
-        .values(status="assigned", assigned_at=utcnow())
-        .returning(Task),
-        execution_options={"synchronize_session": False},
-    ).all()
-    return sorted(claimed, key=_delivery_order)
+    return sorted(_assign(session, best), key=_delivery_order)
 
 
 def claim_pending_for_agents(
@@ -168,17 +158,25 @@ def claim_pending_for_agents(
         .subquery()
     )
     best = select(ranked.c.id).where(ranked.c.rank <= limit)
-    claimed = session.scalars(
+    by_agent: dict[uuid.UUID, list[Task]] = {agent_id: [] for agent_id in agent_ids}
+    for task in sorted(_assign(session, best), key=_delivery_order):
+        by_agent[task.agent_id].append(task)
+    return by_agent
+
+
+def _assign(session: Session, best: Select[Any]) -> Sequence[Task]:
+    """Mark the tasks `best` selects assigned, if still pending; the ones this call got.
+
+    The `status = 'pending'` guard on the UPDATE itself (not only in the
+    subquery) is what makes a task go to exactly one of two racing claims.
+    """
+    return session.scalars(
         update(Task)
         .where(col(Task.id).in_(best.scalar_subquery()), col(Task.status) == "pending")
         .values(status="assigned", assigned_at=utcnow())
         .returning(Task),
         execution_options={"synchronize_session": False},
     ).all()
-    by_agent: dict[uuid.UUID, list[Task]] = {agent_id: [] for agent_id in agent_ids}
-    for task in sorted(claimed, key=_delivery_order):
-        by_agent[task.agent_id].append(task)
-    return by_agent
 
 
 def has_pending(*, session: Session, agent_id: uuid.UUID) -> bool:

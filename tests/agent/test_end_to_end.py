@@ -274,7 +274,8 @@ def test_certificate_renewals_are_applied_and_used(
             while format(pem_serial(cert_file), "x") == first_serial:
                 assert time.monotonic() < deadline, process.output()
                 time.sleep(0.1)
-            assert "certificate renewed" in process.output()
+            # Logged just after the file is replaced: wait for it, not only for the file.
+            process.wait_for("certificate renewed")
             assert stat.S_IMODE(cert_file.stat().st_mode) == 0o600
 
             # Calls made after the renewal, with the new certificate, still pass.
