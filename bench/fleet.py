@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ssl
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import insert
@@ -29,7 +29,7 @@ from pki import generate_agent_key, jwk_thumbprint, private_key_pem, public_key_
 class SimAgent:
     agent_id: uuid.UUID
     name: str
-    token: str
+    token: str = field(repr=False)  # a credential: kept out of reprs
     credentials: Path  # certificate + private key, PEM
     ca_file: Path
 

@@ -179,9 +179,6 @@ class HeartbeatWriter:
     def record(self, beat: Beat) -> None:
         self._buffer[beat.agent_id] = beat.following(self._buffer.get(beat.agent_id))
 
-    def __len__(self) -> int:
-        return len(self._buffer)
-
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="stella-heartbeat-writer")
 

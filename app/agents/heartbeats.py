@@ -35,16 +35,17 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlmodel import Session, col
+from sqlmodel import col
 from starlette.concurrency import run_in_threadpool
 
 from app.agents.heartbeat_writer import Beat, HeartbeatWriter, write_beats
 from app.agents.schemas import CertificateRenewal, Heartbeat, HeartbeatAnswer
 from app.auth.cache import Registration
+from app.auth.service import registered_agent
 from app.certs import service as certs_service
 from app.db import transaction
 from app.errors import Forbidden, Unauthorized
-from app.models import Agent, Task
+from app.models import Task
 from app.models.types import utcnow
 from app.runtime import Runtime
 from app.stream.hub import RESYNC, StreamItem
@@ -205,7 +206,7 @@ class HeartbeatService:
         with transaction(runtime.engine) as session:
             # A renewal locks the row: concurrent heartbeats of one agent then
             # hand out the one certificate the first of them signed.
-            agent = self._registered(session, identity, lock=renew)
+            agent = registered_agent(session, identity, lock=renew)
             if identity.agent_id != beat.agent_id:
                 raise Forbidden("agent not authorized for this operation")
             # A change of status is written now; the same status, behind.
@@ -236,13 +237,6 @@ class HeartbeatService:
                     else None
                 ),
             )
-
-    @staticmethod
-    def _registered(session: Session, identity: ClientIdentity, *, lock: bool) -> Agent:
-        agent = session.get(Agent, identity.agent_id, with_for_update=lock)
-        if agent is None or not hmac.compare_digest(agent.key_thumbprint, identity.key_thumbprint):
-            raise Unauthorized("agent is not registered")
-        return agent
 
     # --- the pending index's ground truth -----------------------------------------------------
 

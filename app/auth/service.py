@@ -19,6 +19,7 @@ from app.auth.cache import AgentAuthCache
 from app.errors import Unauthorized
 from app.models import Agent
 from app.models.types import utcnow
+from pki import ClientIdentity
 
 
 @dataclass
@@ -37,10 +38,19 @@ def authenticate_agent(
 ) -> AuthenticatedAgent:
     """The agent both credentials name; 401 when either is missing, bad or mismatched."""
     identity = auth.check(token, certificate_pem, utcnow())
-    agent = session.get(Agent, identity.agent_id)
+    agent = registered_agent(session, identity)
+    return AuthenticatedAgent(agent=agent, cert_not_after=identity.not_after)
+
+
+def registered_agent(session: Session, identity: ClientIdentity, *, lock: bool = False) -> Agent:
+    """The agent row `identity` names, still registered with that key (401 otherwise).
+
+    `lock`: FOR UPDATE, for a transaction that may change the row.
+    """
+    agent = session.get(Agent, identity.agent_id, with_for_update=lock)
     if agent is None or not hmac.compare_digest(agent.key_thumbprint, identity.key_thumbprint):
         raise Unauthorized("agent is not registered")
-    return AuthenticatedAgent(agent=agent, cert_not_after=identity.not_after)
+    return agent
 
 
 def is_operator(token: str | None, admin_token: SecretStr | None) -> bool:

@@ -59,6 +59,3 @@ class PendingIndex:
         """Events may have been missed: everyone is maybe pending until the next load."""
         self.epoch += 1
         self.known = False
-
-    def __len__(self) -> int:
-        return len(self._generation)

@@ -10,7 +10,6 @@ reconcile.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,25 +23,20 @@ import pytest
 from app.db import transaction
 from app.models import Agent
 from app.notify import LocalNotifier
-from app.runtime import Runtime, build_runtime
+from app.runtime import Runtime
 from app.settings import Settings
 from app.tasks import service as tasks_service
 from app.tasks.schemas import TaskCreate
 from tests.conftest import (
     ADMIN_TOKEN,
-    REDIS_URL,
-    create_postgres_database,
-    drop_postgres_database,
-    drop_redis_keys,
     free_port,
-    require_redis,
 )
-from tests.processes import STELLA, StellaProcess, settings_env
+from tests.processes import StellaProcess
 from tests.stream.helpers import (
     StreamAgent,
     client_context,
     register_in_process,
-    run,
+    shared_backend,
     wait_healthy,
 )
 
@@ -89,37 +83,23 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Fleet]:
-    require_redis()
-    database = f"stella_heartbeat_path_{worker_id}_{os.getpid()}"
-    database_url = create_postgres_database(database)
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("heartbeat-path")
-    prefix = f"stella-hb-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
-    settings = Settings(
-        data_dir=tmp / "data",
-        database_url=database_url,
-        admin_token=ADMIN_TOKEN,
-        redis_url=REDIS_URL,
-        broker_url=REDIS_URL,
-        broker_key_prefix=prefix,
+    with shared_backend(
+        tmp,
+        "heartbeat_path",
         heartbeat_flush_interval=FLUSH_INTERVAL,
         pending_reconcile_interval=RECONCILE_INTERVAL,
-    )
-    env = settings_env(settings)
-    upgraded = run(STELLA, "db", "upgrade", env=env)
-    assert upgraded.returncode == 0, upgraded.stderr
-    runtime = build_runtime(settings)  # creates the PKI before the web processes load it
-    fleet = Fleet(settings, runtime, runtime.ca.files.ca_cert, tmp, env, {})
-    webs = []
-    try:
-        webs = [fleet.start_web("a"), fleet.start_web("b")]
-        yield fleet
-    finally:
-        for web in webs:
-            web.stop()
-        runtime.close()
-        drop_redis_keys(prefix)
-        drop_postgres_database(database)
+    ) as backend:
+        runtime = backend.runtime
+        fleet = Fleet(backend.settings, runtime, runtime.ca.files.ca_cert, tmp, backend.env, {})
+        webs = []
+        try:
+            webs = [fleet.start_web("a"), fleet.start_web("b")]
+            yield fleet
+        finally:
+            for web in webs:
+                web.stop()
     for web in webs:
         assert "Traceback" not in web.output(), web.output()
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import ssl
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,19 @@ from app.agents import service as agents_service
 from app.agents.schemas import AgentRegister
 from app.db import transaction
 from app.notify import agent_channel
-from app.runtime import Runtime
+from app.runtime import Runtime, build_runtime
+from app.settings import Settings
 from app.tokens import service as tokens_service
-from tests.conftest import mint_token
+from tests.conftest import (
+    ADMIN_TOKEN,
+    REDIS_URL,
+    create_postgres_database,
+    drop_postgres_database,
+    drop_redis_keys,
+    mint_token,
+    require_redis,
+)
+from tests.processes import STELLA, settings_env
 
 
 @dataclass(frozen=True)
@@ -208,3 +219,47 @@ def percentile(samples: Sequence[float], fraction: float) -> float:
 
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+@dataclass
+class SharedBackend:
+    """What several `stella serve` processes of one test module share."""
+
+    settings: Settings
+    runtime: Runtime  # in the test process, on the same database and CA
+    env: dict[str, str]
+    prefix: str
+    tmp: Path
+
+
+@contextmanager
+def shared_backend(tmp: Path, name: str, **settings: Any) -> Iterator[SharedBackend]:
+    """A private PostgreSQL database, migrated, a private Redis prefix, and the PKI.
+
+    The runtime is built (so the PKI created) before any web process starts,
+    so that they all load the same CA. Dropped again afterwards.
+    """
+    require_redis()
+    database = f"stella_{name}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    prefix = f"stella-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+    built = Settings(
+        data_dir=tmp / "data",
+        database_url=create_postgres_database(database),
+        admin_token=ADMIN_TOKEN,
+        redis_url=REDIS_URL,
+        broker_url=REDIS_URL,
+        broker_key_prefix=prefix,
+        **settings,
+    )
+    env = settings_env(built)
+    runtime = None
+    try:
+        upgraded = run(STELLA, "db", "upgrade", env=env)
+        assert upgraded.returncode == 0, upgraded.stderr
+        runtime = build_runtime(built)
+        yield SharedBackend(built, runtime, env, prefix, tmp)
+    finally:
+        if runtime is not None:
+            runtime.close()
+        drop_redis_keys(prefix)
+        drop_postgres_database(database)

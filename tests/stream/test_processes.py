@@ -24,19 +24,15 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from app.runtime import Runtime, build_runtime
+from app.runtime import Runtime
 from app.settings import Settings
 from tests.conftest import (
     ADMIN_TOKEN,
     REDIS_URL,
-    create_postgres_database,
     dispatch,
-    drop_postgres_database,
-    drop_redis_keys,
     free_port,
-    require_redis,
 )
-from tests.processes import STELLA, StellaProcess, settings_env, start_worker
+from tests.processes import StellaProcess, start_worker
 from tests.stream.helpers import (
     StreamAgent,
     client_context,
@@ -46,7 +42,7 @@ from tests.stream.helpers import (
     receive,
     register_in_process,
     register_via_api,
-    run,
+    shared_backend,
     wait_healthy,
     wait_subscribed,
 )
@@ -79,52 +75,33 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Cluster]:
-    require_redis()
-    database = f"stella_processes_{worker_id}_{os.getpid()}"
-    database_url = create_postgres_database(database)
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
-    prefix = f"stella-processes-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
-    settings = Settings(
-        data_dir=tmp / "data",
-        database_url=database_url,
-        admin_token=ADMIN_TOKEN,
-        redis_url=REDIS_URL,
-        broker_url=REDIS_URL,
-        broker_key_prefix=prefix,
-        task_poll_interval=POLL_INTERVAL,
-    )
-    env = settings_env(settings)
-    upgraded = run(STELLA, "db", "upgrade", env=env)
-    assert upgraded.returncode == 0, upgraded.stderr
-    # Creates the PKI once, before both web processes load it.
-    runtime = build_runtime(settings)
-    webs: list[StellaProcess] = []
-    try:
-        urls = []
-        for name in ("a", "b"):
-            port = free_port()
-            args = ("serve", "--tls", "--port", str(port), "--log-level", "warning")
-            webs.append(StellaProcess(*args, env=env, log=tmp / f"web-{name}.log").start())
-            urls.append(f"https://127.0.0.1:{port}")
-        ca_file = runtime.ca.files.ca_cert
-        for web, url in zip(webs, urls, strict=True):
-            wait_healthy(url, ca_file, web)
-        yield Cluster(
-            settings=settings,
-            runtime=runtime,
-            web_a=urls[0],
-            web_b=urls[1],
-            ca_file=ca_file,
-            prefix=prefix,
-            tmp=tmp,
-        )
-    finally:
-        for web in webs:
-            web.stop()
-        runtime.close()
-        drop_redis_keys(prefix)
-        drop_postgres_database(database)
+    with shared_backend(tmp, "processes", task_poll_interval=POLL_INTERVAL) as backend:
+        webs: list[StellaProcess] = []
+        try:
+            urls = []
+            for name in ("a", "b"):
+                port = free_port()
+                args = ("serve", "--tls", "--port", str(port), "--log-level", "warning")
+                log = tmp / f"web-{name}.log"
+                webs.append(StellaProcess(*args, env=backend.env, log=log).start())
+                urls.append(f"https://127.0.0.1:{port}")
+            ca_file = backend.runtime.ca.files.ca_cert
+            for web, url in zip(webs, urls, strict=True):
+                wait_healthy(url, ca_file, web)
+            yield Cluster(
+                settings=backend.settings,
+                runtime=backend.runtime,
+                web_a=urls[0],
+                web_b=urls[1],
+                ca_file=ca_file,
+                prefix=backend.prefix,
+                tmp=tmp,
+            )
+        finally:
+            for web in webs:
+                web.stop()
     for web in webs:
         assert "Traceback" not in web.output(), web.output()
 
