@@ -125,10 +125,11 @@ def insert_ignoring_conflicts(
     if insert is None:
         raise NotImplementedError(f"no conflict-ignoring insert for {dialect}")
     table = model.__table__
+    # Rows as parameters, not `.values(rows)`: the statement then compiles once
+    # and is cached; SQLAlchemy batches many rows into multi-row VALUES itself.
     statement = (
         insert(table)
-        .values(rows)
         .on_conflict_do_nothing(index_elements=list(conflict_columns))
         .returning(*(table.c[name] for name in returning))
     )
-    return [tuple(row) for row in session.execute(statement).all()]
+    return [tuple(row) for row in session.execute(statement, rows).all()]

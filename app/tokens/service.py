@@ -8,7 +8,7 @@ import secrets
 import uuid
 
 from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from app.errors import InvalidInput
 from app.models import RegistrationToken
@@ -48,14 +48,15 @@ def consume_token(*, session: Session, token: str, agent_id: uuid.UUID) -> bool:
     spend sticks, so a registration that fails later spends nothing.
     """
     now = utcnow()
+    tokens = RegistrationToken.__table__  # Core, not ORM: no bulk-update bookkeeping
     spent = session.execute(
-        update(RegistrationToken)
+        update(tokens)
         .where(
-            col(RegistrationToken.token_hash) == hash_token(token),
-            col(RegistrationToken.used_at).is_(None),
-            col(RegistrationToken.expires_at) > now,
+            tokens.c.token_hash == hash_token(token),
+            tokens.c.used_at.is_(None),
+            tokens.c.expires_at > now,
         )
         .values(used_at=now, agent_id=agent_id)
-        .returning(col(RegistrationToken.id))
+        .returning(tokens.c.id)
     ).first()
     return spent is not None
