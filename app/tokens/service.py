@@ -7,7 +7,7 @@ import hashlib
 import secrets
 import uuid
 
-from sqlalchemy import update
+from sqlalchemy import Table, update
 from sqlmodel import Session
 
 from app.errors import InvalidInput
@@ -48,7 +48,8 @@ def consume_token(*, session: Session, token: str, agent_id: uuid.UUID) -> bool:
     spend sticks, so a registration that fails later spends nothing.
     """
     now = utcnow()
-    tokens = RegistrationToken.__table__  # Core, not ORM: no bulk-update bookkeeping
+    # Core, not ORM: no bulk-update bookkeeping for a row we never load.
+    tokens: Table = RegistrationToken.__table__  # type: ignore[attr-defined]
     spent = session.execute(
         update(tokens)
         .where(
