@@ -3,7 +3,8 @@
 from app.models.agent import Agent
 from app.models.dispatch import Dispatch
 from app.models.registration_token import RegistrationToken
+from app.models.sweep_mark import SweepMark
 from app.models.task import Task
 from app.models.task_log import TaskLog
 
-__all__ = ["Agent", "Dispatch", "RegistrationToken", "Task", "TaskLog"]
+__all__ = ["Agent", "Dispatch", "RegistrationToken", "SweepMark", "Task", "TaskLog"]
