@@ -45,7 +45,7 @@ POSTGRES_URL = os.environ.get(
     "STELLA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 ADMIN_TOKEN = "test-admin-token-0123456789"
-TABLES = ("task_logs", "tasks", "dispatches", "agents", "registration_tokens")
+TABLES = ("task_logs", "tasks", "dispatches", "agents", "registration_tokens", "audit_events")
 
 
 def service_unavailable(reason: str) -> None:
