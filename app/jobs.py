@@ -10,7 +10,7 @@ Job names:
     sweeps.mark_offline()             agents silent for too long
     sweeps.time_out_tasks()           tasks past their timeout
     sweeps.issue_renewals()           certificates entering the renewal window
-    sweeps.purge_tokens()             expired and used registration tokens
+    sweeps.purge_tokens()             expired and used registration tokens; old audit events
     sweeps.redrive_dispatches()       dispatches whose expansion stalled
     sweeps.prune_embedded_broker()    stale monitoring messages (embedded broker only)
 """

@@ -14,6 +14,9 @@ from app.agents.heartbeat_lane import HeartbeatFastLane
 from app.agents.heartbeats import HeartbeatService
 from app.agents.router import router as agents_router
 from app.api.body_limit import BodyLimitMiddleware
+from app.api.refusals import install_refusal_audit
+from app.audit.refusals import RefusalRecorder
+from app.audit.router import router as audit_router
 from app.certs.router import router as certs_router
 from app.dispatch.router import router as dispatch_router
 from app.errors import install_error_handlers
@@ -37,6 +40,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     hub = make_hub(runtime)
     heartbeats = HeartbeatService(runtime)
     hub.listen(heartbeats.on_event)
+    refusals = RefusalRecorder(runtime.engine, interval=settings.audit_flush_interval)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -50,9 +54,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         bound_runtime.notifier.subscribe_all(hear)
         await hub.start()
         await heartbeats.start()
+        await refusals.start()
         yield
         # Heartbeats first: their last writes need the database, not the hub.
         await heartbeats.stop()
+        await refusals.stop()
         await hub.stop()
         bound_runtime.close()
 
@@ -66,7 +72,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.runtime = runtime
     app.state.hub = hub
     app.state.heartbeats = heartbeats
+    app.state.refusals = refusals
     install_error_handlers(app)
+    install_refusal_audit(app, refusals)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     for router in (
         health_router,
@@ -76,6 +84,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         agent_tasks_router,
         tasks_router,
         dispatch_router,
+        audit_router,
         stream_router,
     ):
         app.include_router(router)

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     # Log bytes kept per task; later lines are dropped behind one marker line.
     task_log_max_bytes: int = Field(1024 * 1024, ge=1024)
 
+    # Audit events older than this many days are pruned by a sweep.
+    audit_retention_days: int = Field(90, ge=1)
+    # Refused authentications are counted in memory and written, coalesced,
+    # once per this many seconds per web process (a flood costs no insert each).
+    audit_flush_interval: float = Field(2.0, gt=0, le=60)
+
     @field_validator("server_names", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

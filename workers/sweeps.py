@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from app import embedded_broker
+from app.audit import service as audit_service
 from app.db import transaction
 from app.sweeps import service
 from workers.celery_app import celery_app
@@ -42,9 +43,16 @@ def issue_renewals() -> int:
 
 @celery_app.task(name="sweeps.purge_tokens")  # type: ignore[untyped-decorator]
 def purge_tokens() -> int:
+    """Housekeeping: spent registration tokens, and audit events past their retention."""
     rt = runtime()
     with transaction(rt.engine) as session:
-        return service.purge_tokens(session=session)
+        purged = service.purge_tokens(session=session)
+        pruned = audit_service.prune(session=session, settings=rt.settings)
+    if pruned:
+        log.info(
+            "pruned %d audit events older than %d days", pruned, rt.settings.audit_retention_days
+        )
+    return purged
 
 
 @celery_app.task(name="sweeps.redrive_dispatches")  # type: ignore[untyped-decorator]

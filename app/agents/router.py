@@ -24,6 +24,7 @@ from app.agents.schemas import (
 from app.api.deps import (
     AdminDep,
     CallerDep,
+    ClientAddressDep,
     RegistrationTokenDep,
     RuntimeDep,
     authorize_operator_or_self,
@@ -40,7 +41,7 @@ AgentIdPath = Annotated[uuid.UUID, Path(alias="id")]
 
 @router.post("/register", status_code=201, responses=problems(401, 409, 422))
 async def register_agent(
-    body: AgentRegister, runtime: RuntimeDep, token: RegistrationTokenDep
+    body: AgentRegister, runtime: RuntimeDep, token: RegistrationTokenDep, source: ClientAddressDep
 ) -> AgentRegistered:
     """Register with a single-use token; get a JWT and a client certificate."""
     if not token:
@@ -48,7 +49,7 @@ async def register_agent(
     return await in_transaction(
         runtime,
         lambda session: service.register(
-            session=session, runtime=runtime, token=token, request=body
+            session=session, runtime=runtime, token=token, request=body, source=source
         ),
     )
 
@@ -105,22 +106,29 @@ async def get_agent(
     responses=problems(401, 404, 409, 422),
 )
 async def update_agent(
-    agent_id: AgentIdPath, body: AgentUpdate, runtime: RuntimeDep
+    agent_id: AgentIdPath, body: AgentUpdate, runtime: RuntimeDep, source: ClientAddressDep
 ) -> AgentDetail:
     """Change an agent's labels, capabilities or name."""
     return await in_transaction(
-        runtime, lambda session: service.update(session=session, agent_id=agent_id, changes=body)
+        runtime,
+        lambda session: service.update(
+            session=session, agent_id=agent_id, changes=body, source=source
+        ),
     )
 
 
 @router.delete(
     "/{id}", dependencies=[AdminDep], tags=["operators"], responses=problems(401, 404, 422)
 )
-async def delete_agent(agent_id: AgentIdPath, runtime: RuntimeDep) -> AgentDeleted:
+async def delete_agent(
+    agent_id: AgentIdPath, runtime: RuntimeDep, source: ClientAddressDep
+) -> AgentDeleted:
     """Revoke the agent's credentials and remove its registration."""
     await in_transaction(
         runtime,
-        lambda session: service.delete_agent(session=session, runtime=runtime, agent_id=agent_id),
+        lambda session: service.delete_agent(
+            session=session, runtime=runtime, agent_id=agent_id, source=source
+        ),
     )
     return AgentDeleted()
 

@@ -20,6 +20,7 @@ from app.agents.schemas import (
     AgentRegistered,
     AgentUpdate,
 )
+from app.audit import service as audit_service
 from app.certs import service as certs_service
 from app.db import after_commit, insert_ignoring_conflicts
 from app.errors import Conflict, InvalidInput, NotFound, Unauthorized
@@ -35,12 +36,18 @@ from pki.csr import public_key_from_csr
 
 
 def register(
-    *, session: Session, runtime: Runtime, token: str, request: AgentRegister
+    *,
+    session: Session,
+    runtime: Runtime,
+    token: str,
+    request: AgentRegister,
+    source: str | None = None,
 ) -> AgentRegistered:
     """Spend the registration token and create the agent with its certificate and JWT.
 
     One transaction: a registration that fails (taken name, bad CSR) spends
-    no token. 401 for a bad, used or expired token; 409 for a taken name.
+    no token and leaves no audit event. 401 for a bad, used or expired
+    token; 409 for a taken name.
     """
     if request.csr is not None:
         try:
@@ -79,6 +86,7 @@ def register(
     )
     if not inserted:
         raise Conflict(f"agent name {request.name!r} is already registered")
+    _audit_registration(session, agent, source=source, csr=request.csr is not None)
 
     settings = runtime.settings
     return AgentRegistered(
@@ -99,6 +107,36 @@ def register(
             ca=runtime.ca.cert_pem,
             expires_at=issued.not_after,
         ),
+    )
+
+
+def _audit_registration(session: Session, agent: Agent, *, source: str | None, csr: bool) -> None:
+    actor = audit_service.agent_actor(agent.id)
+    audit_service.record(
+        session=session,
+        action="agent.registered",
+        actor=actor,
+        agent_id=agent.id,
+        source=source,
+        detail={
+            "name": agent.name,
+            "version": agent.version,
+            "capabilities": agent.capabilities,
+            "labels": agent.labels,
+        },
+    )
+    audit_service.record(
+        session=session,
+        action="cert.issued",
+        actor=actor,
+        agent_id=agent.id,
+        source=source,
+        detail={
+            "serial": agent.cert_serial,
+            "notAfter": audit_service.timestamp(agent.cert_not_after),
+            # Whether the key came from the agent's CSR or was generated here.
+            "keyFrom": "csr" if csr else "server",
+        },
     )
 
 
@@ -154,9 +192,12 @@ def list_public(
     return [public(agent) for agent in page], next_cursor
 
 
-def update(*, session: Session, agent_id: uuid.UUID, changes: AgentUpdate) -> AgentDetail:
+def update(
+    *, session: Session, agent_id: uuid.UUID, changes: AgentUpdate, source: str | None = None
+) -> AgentDetail:
     """Apply an operator's changes (fields left out stay as they are)."""
     agent = get(session=session, agent_id=agent_id)
+    previous_name = agent.name
     if changes.name is not None:
         agent.name = changes.name
     if changes.labels is not None:
@@ -172,19 +213,42 @@ def update(*, session: Session, agent_id: uuid.UUID, changes: AgentUpdate) -> Ag
     except StaleDataError as exc:
         # Deleted by a concurrent request after we read it.
         raise NotFound(f"agent {agent_id} not found") from exc
+    audit_service.record(
+        session=session,
+        action="agent.updated",
+        actor=audit_service.OPERATOR,
+        agent_id=agent_id,
+        source=source,
+        detail={
+            "name": previous_name,
+            "changes": changes.model_dump(exclude_none=True, by_alias=True),
+        },
+    )
     return detail(session=session, agent_id=agent_id)
 
 
-def delete_agent(*, session: Session, runtime: Runtime, agent_id: uuid.UUID) -> None:
+def delete_agent(
+    *, session: Session, runtime: Runtime, agent_id: uuid.UUID, source: str | None = None
+) -> None:
     """Remove the agent: its JWT and certificate fail from the next request on.
 
     Its unfinished tasks are cancelled; finished ones stay as history.
     """
     deleted = session.execute(
-        delete(Agent).where(col(Agent.id) == agent_id).returning(col(Agent.id))
+        delete(Agent).where(col(Agent.id) == agent_id).returning(col(Agent.name))
     ).first()
     if deleted is None:
         raise NotFound(f"agent {agent_id} not found")
-    tasks_service.cancel_all_for_agent(session=session, agent_id=agent_id, reason="agent deleted")
+    cancelled = tasks_service.cancel_all_for_agent(
+        session=session, agent_id=agent_id, reason="agent deleted"
+    )
+    audit_service.record(
+        session=session,
+        action="agent.deleted",
+        actor=audit_service.OPERATOR,
+        agent_id=agent_id,
+        source=source,
+        detail={"name": deleted[0], "cancelledTasks": cancelled},
+    )
     notifier = runtime.notifier
     after_commit(session, lambda: notifier.publish(AgentEvent("agent_deleted", agent_id=agent_id)))

@@ -73,6 +73,14 @@ async def get_caller(request: Request, credentials: BearerDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
+async def get_client_address(request: Request) -> str | None:
+    """The caller's address, as the audit trail names it."""
+    return request.client.host if request.client else None
+
+
+ClientAddressDep = Annotated[str | None, Depends(get_client_address)]
+
+
 async def in_transaction(runtime: Runtime, work: Callable[[Session], T]) -> T:
     """Run `work(session)` and commit, in one worker thread; roll back on error."""
     return await run_in_threadpool(_run, runtime.engine, work)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session
 
+from app.audit import service as audit_service
 from app.models import Agent
 from app.models.types import utcnow
 from app.settings import Settings
@@ -69,8 +70,31 @@ def renewal_for(
         agent_id=agent.id,
         public_key=load_public_key_pem(agent.public_key_pem),
     )
+    audit_renewal(session=session, agent_id=agent.id, renewed=renewed, previous=agent.cert_serial)
     agent.cert_pem = renewed.pem
     agent.cert_serial = renewed.serial
     agent.cert_not_after = renewed.not_after
     session.add(agent)
     return renewed
+
+
+def audit_renewal(
+    *,
+    session: Session,
+    agent_id: uuid.UUID,
+    renewed: IssuedCertificate,
+    previous: str,
+    by_sweep: bool = False,
+) -> None:
+    """Record a renewal: signed ahead by the sweep (system), or on the agent's heartbeat."""
+    audit_service.record(
+        session=session,
+        action="cert.renewed",
+        actor=audit_service.SYSTEM if by_sweep else audit_service.agent_actor(agent_id),
+        agent_id=agent_id,
+        detail={
+            "serial": renewed.serial,
+            "notAfter": audit_service.timestamp(renewed.not_after),
+            "previousSerial": previous,
+        },
+    )

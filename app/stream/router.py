@@ -16,6 +16,7 @@ from starlette.datastructures import State
 from starlette.websockets import WebSocket
 
 from app.api.deps import Caller, authenticate
+from app.audit.refusals import RefusalRecorder, refusal_of
 from app.db import transaction
 from app.errors import StellaError
 from app.runtime import Runtime
@@ -25,6 +26,7 @@ from app.stream.recheck import Recheck
 from app.stream.session import CLOSE_FORBIDDEN, CLOSE_TRY_LATER, CLOSE_UNAUTHORIZED, TaskStream
 
 PATH = "/api/v1/agents/{id}/task-stream"
+FORBIDDEN_STREAM = "agent not authorized for this stream"
 
 
 async def task_stream(websocket: WebSocket) -> None:
@@ -40,13 +42,15 @@ async def task_stream(websocket: WebSocket) -> None:
     try:
         caller_id = await run_in_threadpool(_authenticate, websocket, runtime)
     except StellaError as exc:
+        _refused(state, websocket, exc.detail, exc.status)
         await websocket.close(code=CLOSE_UNAUTHORIZED, reason=exc.detail[:120])
         return
     except DBAPIError:
         await websocket.close(code=CLOSE_TRY_LATER, reason="database unavailable; reconnect later")
         return
     if caller_id != agent_id:
-        await websocket.close(code=CLOSE_FORBIDDEN, reason="agent not authorized for this stream")
+        _refused(state, websocket, FORBIDDEN_STREAM, 403)
+        await websocket.close(code=CLOSE_FORBIDDEN, reason=FORBIDDEN_STREAM)
         return
     await TaskStream(websocket, runtime, agent_id).run(
         hub, recheck(state, runtime), claims(state, runtime)
@@ -67,6 +71,11 @@ def claims(state: State, runtime: Runtime) -> ClaimBatcher:
     if found is None:
         found = state.stream_claims = ClaimBatcher(runtime)
     return found
+
+
+def _refused(state: State, websocket: WebSocket, reason: str, status: int) -> None:
+    recorder: RefusalRecorder = state.refusals
+    recorder.refused(refusal_of(websocket.scope, reason=reason, status=status))
 
 
 def _authenticate(websocket: WebSocket, runtime: Runtime) -> uuid.UUID:

@@ -133,7 +133,11 @@ def issue_renewals(
             .returning(col(Agent.id)),
             execution_options={"synchronize_session": False},
         ).first()
-        renewed += result is not None
+        if result is not None:
+            certs_service.audit_renewal(
+                session=session, agent_id=agent_id, renewed=issued, previous=serial, by_sweep=True
+            )
+            renewed += 1
     return renewed
 
 

@@ -10,6 +10,7 @@ import uuid
 from sqlalchemy import Table, update
 from sqlmodel import Session
 
+from app.audit import service as audit_service
 from app.errors import InvalidInput
 from app.models import RegistrationToken
 from app.models.types import utcnow
@@ -24,9 +25,13 @@ def hash_token(token: str) -> str:
 
 
 def create_token(
-    *, session: Session, settings: Settings, ttl_seconds: int | None = None
+    *,
+    session: Session,
+    settings: Settings,
+    ttl_seconds: int | None = None,
+    source: str | None = None,
 ) -> tuple[str, RegistrationToken]:
-    """Mint a token; the plaintext is returned once and never stored."""
+    """Mint a token (by the operator); the plaintext is returned once and never stored."""
     ttl = settings.registration_token_ttl if ttl_seconds is None else ttl_seconds
     if not 1 <= ttl <= settings.registration_token_ttl:
         raise InvalidInput(f"ttlSeconds must be between 1 and {settings.registration_token_ttl}")
@@ -37,6 +42,14 @@ def create_token(
     )
     session.add(row)
     session.flush()
+    audit_service.record(
+        session=session,
+        action="token.created",
+        actor=audit_service.OPERATOR,
+        source=source,
+        # The row's id, never the token or its hash.
+        detail={"tokenId": str(row.id), "expiresAt": audit_service.timestamp(row.expires_at)},
+    )
     return plaintext, row
 
 

@@ -1,0 +1,1 @@
+"""The audit trail: who registered, changed, deleted or was refused, and when."""
