@@ -65,13 +65,16 @@ class _Tally:
 _OVERFLOW = Refusal(reason=OVERFLOW_REASON, status=0, route="*")
 
 
-def refusal_of(scope: Mapping[str, Any], *, reason: str, status: int) -> Refusal:
+def refusal_of(
+    scope: Mapping[str, Any], *, reason: str, status: int, route: str | None = None
+) -> Refusal:
     """The refusal of the request (or WebSocket) `scope`: its route, client and agent.
 
-    The route is its template, never the raw path, and the agent is the one
-    the path names, so that a flood of distinct URLs still shares few keys.
+    The route is its template (the matched route's, or `route`), never the
+    raw path, and the agent is the one the path names, so that a flood of
+    distinct URLs still shares few keys.
     """
-    route = getattr(scope.get("route"), "path", None) or "?"
+    route = route or getattr(scope.get("route"), "path", None) or "?"
     method = scope.get("method") or ("WS" if scope.get("type") == "websocket" else "?")
     client = scope.get("client")
     agent_id: uuid.UUID | None = None

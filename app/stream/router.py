@@ -75,7 +75,7 @@ def claims(state: State, runtime: Runtime) -> ClaimBatcher:
 
 def _refused(state: State, websocket: WebSocket, reason: str, status: int) -> None:
     recorder: RefusalRecorder = state.refusals
-    recorder.refused(refusal_of(websocket.scope, reason=reason, status=status))
+    recorder.refused(refusal_of(websocket.scope, reason=reason, status=status, route=PATH))
 
 
 def _authenticate(websocket: WebSocket, runtime: Runtime) -> uuid.UUID:
