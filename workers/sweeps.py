@@ -28,7 +28,7 @@ def mark_offline() -> int:
 def time_out_tasks() -> int:
     rt = runtime()
     with transaction(rt.engine) as session:
-        ended = service.time_out_tasks(session=session, notifier=rt.notifier)
+        ended = service.time_out_tasks(session=session, settings=rt.settings, notifier=rt.notifier)
     if ended:
         log.info("timed out %d tasks", len(ended))
     return len(ended)

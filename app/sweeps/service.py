@@ -8,6 +8,7 @@ the rows a run actually changed are announced.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -15,9 +16,9 @@ from sqlalchemy import delete, or_, select, update
 from sqlmodel import Session, col
 
 from app.certs import service as certs_service
-from app.db import after_commit
+from app.db import after_commit, insert_ignoring_conflicts
 from app.jobs import EXPAND_DISPATCH, JobQueue
-from app.models import Agent, Dispatch, RegistrationToken, Task
+from app.models import Agent, Dispatch, RegistrationToken, SweepMark, Task
 from app.models.types import utcnow
 from app.notify import Notifier
 from app.settings import Settings
@@ -25,7 +26,10 @@ from app.tasks import service as tasks_service
 from app.tasks.schemas import RUNNING_STATUSES
 from pki import CertificateAuthority, load_public_key_pem
 
+log = logging.getLogger(__name__)
+
 LIVE_STATUSES = ("online", "degraded")
+OUTAGE_MARK = "control-plane"  # the sweeps that judge by silence share one mark
 RENEWAL_BATCH = 500
 
 
@@ -35,18 +39,57 @@ def mark_offline(
     """Agents silent for STELLA_OFFLINE_AFTER_MISSED intervals become offline.
 
     One statement over the (status, last_heartbeat) index: its cost follows
-    the number of stale agents, not the size of the fleet.
+    the number of stale agents, not the size of the fleet. Held after an
+    outage of the control plane (`_held_after_outage`).
     """
     now = now or utcnow()
-    cutoff = now - dt.timedelta(seconds=settings.heartbeat_interval * settings.offline_after_missed)
+    if held_after_outage(session=session, settings=settings, now=now):
+        return []
+    window = offline_window(settings)
     rows = session.execute(
         update(Agent)
-        .where(col(Agent.status).in_(LIVE_STATUSES), col(Agent.last_heartbeat) < cutoff)
+        .where(col(Agent.status).in_(LIVE_STATUSES), col(Agent.last_heartbeat) < now - window)
         .values(status="offline")
         .returning(col(Agent.id)),
         execution_options={"synchronize_session": False},
     )
     return [row[0] for row in rows]
+
+
+def offline_window(settings: Settings) -> dt.timedelta:
+    return dt.timedelta(seconds=settings.heartbeat_interval * settings.offline_after_missed)
+
+
+def held_after_outage(*, session: Session, settings: Settings, now: dt.datetime) -> bool:
+    """True while the sweeps wait out the grace that follows an outage.
+
+    No sweep for longer than the offline window means the control plane (or
+    its database) was down, and then no agent could be heard either. As a
+    new leader does after a failover, the sweeps give every agent one full
+    window from now before judging it: only agents silent through that
+    grace are marked offline, and only tasks whose agent could report again
+    are timed out. Both sweeps keep the one mark, so whichever runs first
+    after the outage notices it; its row lock orders overlapping runs.
+    """
+    window = offline_window(settings)
+    insert_ignoring_conflicts(
+        session, SweepMark, [{"name": OUTAGE_MARK, "last_run_at": now}],
+        conflict_columns=("name",), returning=("name",),
+    )  # fmt: skip
+    mark = session.execute(
+        select(SweepMark).where(col(SweepMark.name) == OUTAGE_MARK).with_for_update()
+    ).scalar_one()
+    outage = max(window, dt.timedelta(seconds=2 * settings.resolved_sweep_interval))
+    if now - mark.last_run_at > outage:
+        mark.held_until = now + window
+        log.warning(
+            "no sweep for %d s: the control plane was down; "
+            "no agent is marked offline and no task timed out before %s",
+            (now - mark.last_run_at).total_seconds(),
+            mark.held_until.isoformat(),
+        )
+    mark.last_run_at = max(mark.last_run_at, now)
+    return mark.held_until is not None and now < mark.held_until
 
 
 @dataclass(frozen=True)
@@ -56,15 +99,18 @@ class TimedOut:
 
 
 def time_out_tasks(
-    *, session: Session, notifier: Notifier, now: dt.datetime | None = None
+    *, session: Session, settings: Settings, notifier: Notifier, now: dt.datetime | None = None
 ) -> list[TimedOut]:
     """Tasks not finished within `timeout` seconds of assignment become timed_out.
 
     Candidates are read first (work in flight only), then ended by a guarded
     UPDATE: a task completed meanwhile, or ended by an overlapping sweep, is
-    left alone. Each agent is told to stop its task.
+    left alone. Each agent is told to stop its task. Held, like the offline
+    sweep, after an outage: a task finished meanwhile is reported first.
     """
     now = now or utcnow()
+    if held_after_outage(session=session, settings=settings, now=now):
+        return []
     candidates = session.execute(
         select(col(Task.id), col(Task.assigned_at), col(Task.timeout)).where(
             col(Task.status).in_(RUNNING_STATUSES)

@@ -279,6 +279,77 @@ class TestMarkOffline:
         assert {statuses[agent.id] for agent in fresh} == {"online"}
 
 
+class TestOfflineGraceAfterAnOutage:
+    """No sweep for longer than the offline window: one window of grace before judging."""
+
+    def sweep(self, stack: Stack, now: dt.datetime) -> list[uuid.UUID]:
+        with transaction(stack.runtime.engine) as session:
+            return service.mark_offline(session=session, settings=stack.runtime.settings, now=now)
+
+    def window(self, stack: Stack) -> dt.timedelta:
+        settings = stack.runtime.settings
+        return dt.timedelta(seconds=settings.heartbeat_interval * settings.offline_after_missed)
+
+    def test_sweeps_on_schedule_mark_at_once(self, stack: Stack) -> None:
+        start, window = utcnow(), self.window(stack)
+        assert self.sweep(stack, start) == []
+        stale = agent_row(stack, last_heartbeat=start - 10 * window)
+        insert(stack, stale)
+        step = dt.timedelta(seconds=stack.runtime.settings.resolved_sweep_interval)
+        assert self.sweep(stack, start + step) == [stale.id]
+
+    def test_the_first_sweep_after_an_outage_holds(self, stack: Stack) -> None:
+        start, window = utcnow(), self.window(stack)
+        assert self.sweep(stack, start) == []
+        back = start + 5 * window  # the control plane was down meanwhile
+        silent = agent_row(stack, last_heartbeat=start - dt.timedelta(seconds=1))
+        prompt = agent_row(stack, last_heartbeat=start - dt.timedelta(seconds=1))
+        insert(stack, silent, prompt)
+
+        assert self.sweep(stack, back) == []
+        assert self.sweep(stack, back + window / 2) == [], "still within the grace"
+        # The prompt agent is heard soon after the control plane is back.
+        with transaction(stack.runtime.engine) as session:
+            beat = Beat.of(prompt.id, Heartbeat(status="healthy"), back + window / 3)
+            assert write_beats(session.connection(), [beat]) == {prompt.id}
+
+        after = back + window + dt.timedelta(seconds=1)
+        assert self.sweep(stack, after) == [silent.id]
+        assert agent_status(stack) == {silent.id: "offline", prompt.id: "online"}
+
+    def test_tasks_whose_timeout_passed_during_the_outage_wait_for_the_grace(
+        self, stack: Stack
+    ) -> None:
+        start, window = utcnow(), self.window(stack)
+        settings = stack.runtime.settings
+        agent = agent_row(stack, last_heartbeat=start)
+        task = task_row(stack, agent, assigned_at=start, timeout=1)
+        insert(stack, agent)
+        insert(stack, task)
+
+        def time_out(now: dt.datetime) -> list[uuid.UUID]:
+            with transaction(stack.runtime.engine) as session:
+                ended = service.time_out_tasks(
+                    session=session, settings=settings, notifier=NOTIFIER, now=now
+                )
+            return [item.task_id for item in ended]
+
+        assert self.sweep(stack, start) == []  # the mark: sweeps ran until now
+        back = start + 5 * window
+        assert time_out(back) == [], "timed out before its agent could report"
+        assert time_out(back + window / 2) == []  # the beat keeps running the sweeps
+        assert time_out(back + window + dt.timedelta(seconds=1)) == [task.id]
+
+    def test_concurrent_sweeps_after_an_outage_hold_alike(self, stack: Stack) -> None:
+        start, window = utcnow(), self.window(stack)
+        self.sweep(stack, start)
+        insert(stack, *(agent_row(stack, last_heartbeat=start) for _ in range(20)))
+        back = start + 5 * window
+        results = run_concurrently(4, lambda: self.sweep(stack, back))
+        assert results == [[], [], [], []]
+        assert set(agent_status(stack).values()) == {"online"}
+
+
 # --- time_out_tasks --------------------------------------------------------------------------
 
 
@@ -347,7 +418,9 @@ class TestTimeOutTasks:
         insert(stack, completed, pending)
 
         with transaction(stack.runtime.engine) as session:
-            ended = service.time_out_tasks(session=session, notifier=NOTIFIER, now=now)
+            ended = service.time_out_tasks(
+                session=session, settings=stack.runtime.settings, notifier=NOTIFIER, now=now
+            )
 
         expected = {overdue_assigned.id, overdue_running.id}
         assert {item.task_id for item in ended} == expected
@@ -376,7 +449,9 @@ class TestTimeOutTasks:
         fresh = task_row(stack, agent, assigned_at=utcnow())
         insert(stack, agent, fresh)
         with transaction(stack.runtime.engine) as session:
-            ended = service.time_out_tasks(session=session, notifier=NOTIFIER)
+            ended = service.time_out_tasks(
+                session=session, settings=stack.runtime.settings, notifier=NOTIFIER
+            )
         assert ended == []
         assert load(stack, Task, fresh.id).status == fresh.status
 
@@ -393,7 +468,9 @@ class TestTimeOutTasks:
         heard = {agent.id: events(agent) for agent in (one, two, bystander)}
 
         with transaction(stack.runtime.engine) as session:
-            ended = service.time_out_tasks(session=session, notifier=NOTIFIER, now=now)
+            ended = service.time_out_tasks(
+                session=session, settings=stack.runtime.settings, notifier=NOTIFIER, now=now
+            )
             assert len(ended) == 3
             assert heard == {one.id: [], two.id: [], bystander.id: []}, "announced before commit"
 
@@ -412,7 +489,9 @@ class TestTimeOutTasks:
         insert(stack, agent, task)
         heard = events(agent)
         with Session(stack.runtime.engine) as session:
-            ended = service.time_out_tasks(session=session, notifier=NOTIFIER)
+            ended = service.time_out_tasks(
+                session=session, settings=stack.runtime.settings, notifier=NOTIFIER
+            )
             assert [item.task_id for item in ended] == [task.id]
             session.rollback()
         assert heard == []
@@ -435,7 +514,10 @@ class TestTimeOutTasks:
             try:
                 with transaction(stack.runtime.engine) as session:
                     outcome["ended"] = service.time_out_tasks(
-                        session=session, notifier=NOTIFIER, now=now
+                        session=session,
+                        settings=stack.runtime.settings,
+                        notifier=NOTIFIER,
+                        now=now,
                     )
             except BaseException as exc:  # asserted below
                 outcome["error"] = exc
@@ -484,7 +566,9 @@ class TestTimeOutTasks:
 
         def sweep() -> list[service.TimedOut]:
             with transaction(stack.runtime.engine) as session:
-                return service.time_out_tasks(session=session, notifier=NOTIFIER, now=now)
+                return service.time_out_tasks(
+                    session=session, settings=stack.runtime.settings, notifier=NOTIFIER, now=now
+                )
 
         first, second = run_concurrently(2, sweep)
         first_ids = {item.task_id for item in first}
