@@ -40,12 +40,23 @@ from app.server.tls import uvicorn_config
 from app.settings import Settings
 from tests.processes import start_worker
 
+# Private PostgreSQL and Redis servers for the tests that stop them.
+pytest_plugins = ("tests.faults.services",)
+
 REQUIRE_SERVICES = os.environ.get("STELLA_TEST_REQUIRE_SERVICES") == "1"
 POSTGRES_URL = os.environ.get(
     "STELLA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 ADMIN_TOKEN = "test-admin-token-0123456789"
-TABLES = ("task_logs", "tasks", "dispatches", "agents", "registration_tokens", "audit_events")
+TABLES = (
+    "task_logs",
+    "tasks",
+    "dispatches",
+    "agents",
+    "registration_tokens",
+    "sweep_marks",
+    "audit_events",
+)
 
 
 def service_unavailable(reason: str) -> None:

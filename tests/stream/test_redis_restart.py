@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from app.notify import AgentEvent, RedisNotifier, agent_channel
@@ -34,10 +29,9 @@ from tests.conftest import (
     ADMIN_TOKEN,
     Stack,
     dispatch,
-    free_port,
-    service_unavailable,
     start_stack,
 )
+from tests.faults.services import PrivateRedis
 from tests.stream.helpers import (
     StreamAgent,
     client_context,
@@ -52,60 +46,6 @@ pytestmark = pytest.mark.slow
 PUSH_DEADLINE = 2.0
 # The hub retries with a backoff that tops out at 5 s.
 RESYNC_DEADLINE = 10.0
-
-
-class PrivateRedis:
-    """`redis-server` on a free port, without persistence, that the test may kill."""
-
-    def __init__(self, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as output:
-            self.process = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--daemonize", "no",
-                ],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                assert self.process.poll() is None, self.log.read_text()
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline, self.log.read_text()
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        service_unavailable("redis-server is not installed")
-    server = PrivateRedis(tmp_path / "redis.log")
-    server.start()
-    yield server
-    server.kill()
 
 
 @dataclass(frozen=True)
