@@ -131,6 +131,9 @@ class LeanWebSocketsSansIOProtocol(WebSocketsSansIOProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        # At debug level websockets logs every handshake header (the agent's
+        # bearer token) and every frame (task credentials): never.
+        self.conn.debug = False
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Gate()  # type: ignore[assignment]
 
