@@ -8,10 +8,16 @@ import typer
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from app.server.options import websocket_options
+from app.server.options import log_config, websocket_options
 from app.server.tls import uvicorn_config
 from app.settings import get_settings
 from pki import PkiError, load_or_create_pki
+
+# Seconds a web worker may take to answer its supervisor's ping. A spawned worker
+# answers only once it has imported the app again (about 4 s on an idle small machine,
+# far more under load); uvicorn's 5 s default had workers killed and restarted in a loop
+# while they started.
+WORKER_HEALTHCHECK_TIMEOUT = 60
 
 
 def serve(
@@ -44,7 +50,9 @@ def serve(
         server_key_file=server_key,
         workers=workers,
         log_level=log_level,
+        log_config=log_config(log_level),
         timeout_keep_alive=settings.keep_alive_timeout,
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT,
         **websocket_options(settings),
     )
     if workers == 1:

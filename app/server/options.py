@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any
 
+from uvicorn.config import LOG_LEVELS, LOGGING_CONFIG
+
 from app.settings import Settings
+
+# Our packages: their lines follow --log-level; other libraries' only at debug.
+_OWN_LOGGERS = ("app", "pki", "workers", "beat")
 
 
 def websocket_options(settings: Settings) -> dict[str, Any]:
@@ -21,3 +28,21 @@ def websocket_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_timeout": settings.stream_ping_interval,
         "ws_per_message_deflate": False,
     }
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, with the service's own loggers at `level` too.
+
+    uvicorn configures only its own loggers: without this every line of
+    ours goes nowhere, bar warnings through logging's unformatted last
+    resort. Other libraries log from WARNING, or everything at debug level,
+    as a Celery worker does.
+    """
+    numeric = LOG_LEVELS[level.lower()]
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"] |= {name: {"level": numeric} for name in _OWN_LOGGERS}
+    config["root"] = {
+        "handlers": ["default"],
+        "level": numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING),
+    }
+    return config
