@@ -6,7 +6,8 @@ StellaError                 status + title; `detail` is safe to show the caller
 ├── Forbidden               403  authenticated, but not for this
 ├── NotFound                404
 ├── Conflict                409
-└── ServiceUnavailable      503  (with Retry-After)
+├── ServiceUnavailable      503  (with Retry-After)
+└── CredentialsUnreadable   500  stored credentials this server's key does not open
 
 Validation errors (422), unknown routes (404/405) and an unreachable
 database (503) get the same shape. Nothing else is caught: an unexpected
@@ -74,6 +75,13 @@ class ServiceUnavailable(StellaError):
 
     def __init__(self, detail: str, *, retry_after: int = 5) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class CredentialsUnreadable(StellaError):
+    """A misconfiguration (another credentials key), never the caller's fault."""
+
+    status = 500
+    title = "Internal Server Error"
 
 
 def problem(

@@ -8,6 +8,7 @@ the database: exactly one of them changes the row.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,13 @@ from sqlalchemy import Select, func, insert, select, update
 from sqlmodel import Session, col
 
 from app.db import after_commit
-from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.errors import (
+    Conflict,
+    CredentialsUnreadable,
+    InvalidInput,
+    NotFound,
+    ServiceUnavailable,
+)
 from app.models import Agent, Task, TaskLog
 from app.models.types import utcnow
 from app.notify import AgentEvent, Notifier
@@ -35,6 +42,8 @@ from app.tasks.schemas import (
     TaskSummary,
     TaskView,
 )
+
+log = logging.getLogger(__name__)
 
 # Tasks one heartbeat or poll hands over at most; the rest follow next time.
 CLAIM_BATCH = 100
@@ -494,7 +503,16 @@ def list_summaries(
 def _credentials(task: Task, cipher: CredentialCipher) -> dict[str, object] | None:
     if task.credentials_encrypted is None:
         return None
-    return cipher.decrypt(task.credentials_encrypted, owner=task.id)
+    try:
+        return cipher.decrypt(task.credentials_encrypted, owner=task.id)
+    except ValueError as exc:
+        # Never deliver the task without them: the request fails (and its
+        # claim rolls back), so that a server with the right key hands it over.
+        log.error("credentials of task %s do not decrypt: %s", task.id, exc)
+        raise CredentialsUnreadable(
+            "the task's credentials do not decrypt with this server's credentials key "
+            "(credentials.key in the PKI directory): every process must use the same one"
+        ) from exc
 
 
 def _delivery_order(task: Task) -> tuple[int, dt.datetime]:
