@@ -39,6 +39,8 @@ def make_engine(url: str) -> Engine:
         # Recover by itself after the database restarts.
         pool_pre_ping=True,
         pool_recycle=1800,
+        # An unreachable server fails a request in seconds (503), not a TCP timeout.
+        connect_args={"connect_timeout": 5},
     )
 
 

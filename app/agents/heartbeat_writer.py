@@ -9,7 +9,10 @@ stated in the README:
 - a web process killed outright loses at most its last interval of
   heartbeats (a clean stop flushes first); the agent's next heartbeat
   restores them, long before three missed intervals make it offline;
-- `lastHeartbeat` as read through the API lags by up to the interval.
+- `lastHeartbeat` as read through the API lags by up to the interval;
+- while a flush is failing (the database is down) nothing more is taken on
+  trust: heartbeats go the full path, which answers 503 with Retry-After
+  until the database is back.
 
 A write never moves `last_heartbeat` backwards (an agent that moved to
 another web process may be written by both), and the flush reports which
@@ -173,8 +176,14 @@ class HeartbeatWriter:
         self._interval = interval
         self._on_missing = on_missing
         self._buffer: dict[uuid.UUID, Beat] = {}
+        self._failing = False
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+
+    @property
+    def failing(self) -> bool:
+        """The last flush could not write: what is acknowledged now is not persisted."""
+        return self._failing
 
     def record(self, beat: Beat) -> None:
         self._buffer[beat.agent_id] = beat.following(self._buffer.get(beat.agent_id))
@@ -206,10 +215,12 @@ class HeartbeatWriter:
             written = await run_in_threadpool(self._write, beats)
         except Exception as exc:  # the database is down: keep the beats, retry next time
             log.warning("could not write %d heartbeats (%s); retrying", len(beats), exc)
+            self._failing = True
             for agent_id, beat in batch.items():
                 newer = self._buffer.get(agent_id)
                 self._buffer[agent_id] = newer.following(beat) if newer else beat
             return
+        self._failing = False
         missing = set(batch) - written
         if missing:
             self._on_missing(missing)

@@ -164,6 +164,9 @@ class HeartbeatService:
             registration is None
             or registration.status != beat.status
             or self.writer is None
+            # The database is failing: the full path answers 503 rather than
+            # acknowledge beats that the stated write-behind window cannot hold.
+            or self.writer.failing
             or self.pending.maybe_pending(identity.agent_id)
             or self._renewal_due(identity, now)
         ):
