@@ -46,8 +46,20 @@ class Connection:
         )
 
     async def request(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        *,
+        resend: bool = True,
     ) -> Response:
+        """Send and read the answer; `resend=False` when a repeat must not be automatic.
+
+        A server killed mid-request also answers nothing: a caller for whom
+        the first attempt's effect matters (a heartbeat answer hands over
+        tasks) learns of the failure instead.
+        """
         lines = [f"{method} {path} HTTP/1.1"]
         fields = {**self.base_headers, **(headers or {}), "Content-Length": str(len(body))}
         lines += [f"{name}: {value}" for name, value in fields.items()]
@@ -60,7 +72,7 @@ class Connection:
             # nothing at all: it never saw the request, so send it again.
             partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
             await self.close()
-            if not reused or partial:
+            if not reused or partial or not resend:
                 raise
             response = await self._exchange(message)
         if response.headers.get("connection", "").lower() == "close":

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -57,6 +58,7 @@ class WebServer:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    stella: StellaProcess | None = None  # `stella serve` (a ceiling has none): restartable
 
     @property
     def pids(self) -> list[int]:
@@ -75,6 +77,8 @@ class BenchStack:
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="stella-bench-")))
     name: str = field(default_factory=lambda: f"stella_bench_{os.getpid()}")
+    # Settings of every process of the stack (e.g. short intervals for a soak).
+    overrides: dict[str, Any] = field(default_factory=dict)
     settings: Settings = field(init=False)
     ca: CertificateAuthority = field(init=False)
     engine: Engine = field(init=False)
@@ -89,6 +93,7 @@ class BenchStack:
             redis_url=REDIS_URL,
             broker_key_prefix=f"{self.name}:",
             admin_token=SecretStr(ADMIN_TOKEN),
+            **self.overrides,
         )
 
     # --- life ------------------------------------------------------------------------------
@@ -136,7 +141,9 @@ class BenchStack:
     # --- web servers -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def web(self, *, workers: int = 2, **env: str) -> Iterator[WebServer]:
+    def web(
+        self, *, workers: int = 2, log_level: str = "warning", **env: str
+    ) -> Iterator[WebServer]:
         """`stella serve --tls --workers N` on a free port, ready to serve."""
         port = free_port()
         log = self.workdir / f"web-{port}.log"
@@ -148,17 +155,54 @@ class BenchStack:
             "--workers",
             str(workers),
             "--log-level",
-            "warning",
+            log_level,
             env=self.env(**env),
             log=log,
         ).start()
         assert process.process is not None
-        server = WebServer(url=f"https://127.0.0.1:{port}", process=process.process, log=log)
+        server = WebServer(
+            url=f"https://127.0.0.1:{port}", process=process.process, log=log, stella=process
+        )
         try:
             self._wait_ready(server, "/healthz")
             yield server
         finally:
             process.stop()
+
+    # --- faults ----------------------------------------------------------------------------
+
+    def restart_web(self, server: WebServer) -> None:
+        """SIGKILL the web server (its workers too), start it again on the same port, ready."""
+        assert server.stella is not None
+        server.stella.kill()
+        server.stella.start()
+        assert server.stella.process is not None
+        server.process = server.stella.process
+        self._wait_ready(server, "/healthz")
+
+    def restart(self, role: str, timeout: float = 60) -> None:
+        """SIGKILL the worker or the beat (its children too) and start it again.
+
+        The worker is waited for until it consumes again; the log is
+        appended to, so that means one more " ready." than before.
+        """
+        process = next(p for p in self._background if p.args[0] == role)
+        ready = process.output().count(" ready.")
+        process.kill()
+        process.start()
+        if role != "worker":
+            return
+        deadline = time.monotonic() + timeout
+        while process.output().count(" ready.") <= ready:
+            assert process.process is not None
+            if process.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start again:\n{process.output()}")
+            time.sleep(0.1)
+
+    @property
+    def logs(self) -> list[Path]:
+        """Every log Stella's processes wrote (web servers, worker, beat)."""
+        return sorted(p for p in self.workdir.glob("*.log") if not p.name.startswith("ceiling-"))
 
     @contextlib.contextmanager
     def ceiling(self, app: str, *, workers: int = 2) -> Iterator[WebServer]:
