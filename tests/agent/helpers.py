@@ -1,4 +1,4 @@
-"""A fake `docker` for the agent's tests, and small builders.
+"""A fake `docker` for the agent's tests, a runner of the real agent, small builders.
 
 `install_fake_docker(tmp)` writes an executable `docker` into `tmp/bin` that
 records each call (argv, stdin, DOCKER_CONFIG) as one JSON line and prints a
@@ -6,6 +6,8 @@ few plausible lines. Environment knobs, read by the fake at each call:
 
 - FAKE_DOCKER_SLEEP: seconds `pull` and `run` sleep (writing their pid first);
 - FAKE_DOCKER_FAIL: a subcommand that exits 1 with an error on stderr.
+
+`AgentRunner` starts and restarts `stella agent run` against a server.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.processes import StellaProcess
 
 FAKE_DOCKER = """#!{python}
 import json, os, sys, time
@@ -119,3 +123,42 @@ def certificate_for(key: ec.EllipticCurvePrivateKey, *, cn: str = "agent") -> st
         .sign(key, hashes.SHA256())
     )
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class AgentRunner:
+    """Starts and restarts `stella agent run` on one state directory."""
+
+    def __init__(
+        self, server: str, ca_file: Path, tmp: Path, fake: FakeDocker, *, name: str = "edge-e2e"
+    ) -> None:
+        self.server, self.ca_file, self.tmp, self.fake, self.name = server, ca_file, tmp, fake, name
+        self.state_dir = tmp / "state"
+        self.processes: list[StellaProcess] = []
+
+    def start(self, *, token: str | None = None, **env: str) -> StellaProcess:
+        args = ["agent", "run", "--server", self.server, "--name", self.name]
+        args += ["--capability", "docker", "--label", "site=lab"]
+        args += ["--state-dir", str(self.state_dir), "--ca", str(self.ca_file)]
+        args += ["--shutdown-grace", "1"]
+        if token is not None:
+            args += ["--token", token]
+        clean = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("STELLA_", "FAKE_DOCKER"))
+        }
+        clean["PATH"] = f"{self.fake.bin_dir}:{clean.get('PATH', '/usr/bin:/bin')}"
+        log = self.tmp / f"{self.name}-{len(self.processes)}.log"  # one per run: wait_for reads it
+        process = StellaProcess(*args, env={**clean, **env}, log=log).start()
+        self.processes.append(process)
+        return process
+
+    @property
+    def agent_id(self) -> str:
+        agent_id: str = json.loads((self.state_dir / "agent.json").read_text())["agentId"]
+        return agent_id
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill()
+        kill_quietly(self.fake.pids_started())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import stat
 import time
 from collections.abc import Iterator
@@ -20,9 +19,8 @@ import httpx
 import pytest
 from cryptography import x509
 
-from tests.agent.helpers import FakeDocker, alive, install_fake_docker, kill_quietly
+from tests.agent.helpers import AgentRunner, alive, install_fake_docker, kill_quietly
 from tests.conftest import Stack, mint_token, operator_client, start_stack
-from tests.processes import StellaProcess
 
 pytestmark = pytest.mark.slow
 
@@ -31,46 +29,9 @@ PASSWORD = "e2e-registry-pa55word"
 CREDENTIALS = {"registry.username": "deployer", "registry.password": PASSWORD}
 
 
-class Agent:
-    """Starts and restarts `stella agent run` on one state directory."""
-
-    def __init__(self, stack: Stack, tmp: Path, fake: FakeDocker) -> None:
-        self.stack, self.tmp, self.fake = stack, tmp, fake
-        self.state_dir = tmp / "state"
-        self.processes: list[StellaProcess] = []
-
-    def start(self, *, token: str | None = None, **env: str) -> StellaProcess:
-        args = ["agent", "run", "--server", self.stack.base_url, "--name", "edge-e2e"]
-        args += ["--capability", "docker", "--label", "site=lab"]
-        args += ["--state-dir", str(self.state_dir), "--ca", str(self.stack.ca_file)]
-        args += ["--shutdown-grace", "1"]
-        if token is not None:
-            args += ["--token", token]
-        clean = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("STELLA_", "FAKE_DOCKER"))
-        }
-        clean["PATH"] = f"{self.fake.bin_dir}:{clean.get('PATH', '/usr/bin:/bin')}"
-        log = self.tmp / f"agent-{len(self.processes)}.log"  # one per run: wait_for reads it
-        process = StellaProcess(*args, env={**clean, **env}, log=log).start()
-        self.processes.append(process)
-        return process
-
-    @property
-    def agent_id(self) -> str:
-        agent_id: str = json.loads((self.state_dir / "agent.json").read_text())["agentId"]
-        return agent_id
-
-    def close(self) -> None:
-        for process in self.processes:
-            process.kill()
-        kill_quietly(self.fake.pids_started())
-
-
 @pytest.fixture
-def agent(stack: Stack, tmp_path: Path) -> Iterator[Agent]:
-    runner = Agent(stack, tmp_path, install_fake_docker(tmp_path))
+def agent(stack: Stack, tmp_path: Path) -> Iterator[AgentRunner]:
+    runner = AgentRunner(stack.base_url, stack.ca_file, tmp_path, install_fake_docker(tmp_path))
     yield runner
     runner.close()
 
@@ -108,7 +69,7 @@ def wait_task(
 
 
 def test_registers_runs_a_pull_and_reports_it(
-    agent: Agent, stack: Stack, operator: httpx.Client
+    agent: AgentRunner, stack: Stack, operator: httpx.Client
 ) -> None:
     process = agent.start(token=mint_token(operator))
     process.wait_for("task stream connected")
@@ -167,7 +128,7 @@ def test_registers_runs_a_pull_and_reports_it(
 
 
 def test_a_restart_reuses_the_identity_and_reports_the_interrupted_task(
-    agent: Agent, stack: Stack, operator: httpx.Client
+    agent: AgentRunner, stack: Stack, operator: httpx.Client
 ) -> None:
     first = agent.start(token=mint_token(operator), FAKE_DOCKER_SLEEP="60")
     first.wait_for("task stream connected")
@@ -196,7 +157,7 @@ def test_a_restart_reuses_the_identity_and_reports_the_interrupted_task(
 
 
 def test_sigterm_kills_a_task_past_the_grace_and_reports_it(
-    agent: Agent, stack: Stack, operator: httpx.Client
+    agent: AgentRunner, stack: Stack, operator: httpx.Client
 ) -> None:
     process = agent.start(token=mint_token(operator), FAKE_DOCKER_SLEEP="60")
     process.wait_for("task stream connected")
@@ -222,7 +183,7 @@ def test_sigterm_kills_a_task_past_the_grace_and_reports_it(
 
 
 def test_a_cancelled_task_kills_its_process(
-    agent: Agent, stack: Stack, operator: httpx.Client
+    agent: AgentRunner, stack: Stack, operator: httpx.Client
 ) -> None:
     process = agent.start(token=mint_token(operator), FAKE_DOCKER_SLEEP="60")
     process.wait_for("task stream connected")
@@ -261,7 +222,9 @@ def test_certificate_renewals_are_applied_and_used(
         ) as renewing,
         operator_client(renewing) as operator,
     ):
-        runner = Agent(renewing, tmp_path, install_fake_docker(tmp_path))
+        runner = AgentRunner(
+            renewing.base_url, renewing.ca_file, tmp_path, install_fake_docker(tmp_path)
+        )
         try:
             process = runner.start(token=mint_token(operator))
             process.wait_for("task stream connected")
@@ -290,7 +253,7 @@ def test_certificate_renewals_are_applied_and_used(
 
 
 def test_a_deleted_agent_stops_with_a_clear_error(
-    agent: Agent, stack: Stack, operator: httpx.Client
+    agent: AgentRunner, stack: Stack, operator: httpx.Client
 ) -> None:
     process = agent.start(token=mint_token(operator))
     process.wait_for("task stream connected")
@@ -319,7 +282,9 @@ def test_a_dropped_stream_is_reconnected_and_no_line_is_lost(
         ) as strict,
         operator_client(strict) as operator,
     ):
-        runner = Agent(strict, tmp_path, install_fake_docker(tmp_path))
+        runner = AgentRunner(
+            strict.base_url, strict.ca_file, tmp_path, install_fake_docker(tmp_path)
+        )
         try:
             process = runner.start(token=mint_token(operator))
             process.wait_for("task stream connected")
