@@ -21,8 +21,6 @@ agents it did not find, so that their cached registration is dropped.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -36,6 +34,7 @@ from sqlmodel import col
 from starlette.concurrency import run_in_threadpool
 
 from app.agents.schemas import Heartbeat
+from app.flush_loop import FlushLoop
 from app.models import Agent
 
 log = logging.getLogger(__name__)
@@ -173,12 +172,10 @@ class HeartbeatWriter:
         on_missing: Callable[[set[uuid.UUID]], None],
     ) -> None:
         self._engine = engine
-        self._interval = interval
         self._on_missing = on_missing
         self._buffer: dict[uuid.UUID, Beat] = {}
         self._failing = False
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
+        self._loop = FlushLoop(self.flush, interval=interval, name="stella-heartbeat-writer")
 
     @property
     def failing(self) -> bool:
@@ -189,22 +186,11 @@ class HeartbeatWriter:
         self._buffer[beat.agent_id] = beat.following(self._buffer.get(beat.agent_id))
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="stella-heartbeat-writer")
+        await self._loop.start()
 
     async def stop(self) -> None:
         """Stop the loop and write what is left (a clean stop loses nothing)."""
-        # Not a cancel: a flush in flight would lose its batch.
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        await self.flush()
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._interval)
-            await self.flush()
+        await self._loop.stop()
 
     async def flush(self) -> None:
         if not self._buffer:
