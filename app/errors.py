@@ -6,6 +6,7 @@ StellaError                 status + title; `detail` is safe to show the caller
 ├── Forbidden               403  authenticated, but not for this
 ├── NotFound                404
 ├── Conflict                409
+├── TooManyRequests         429  (with Retry-After)
 ├── ServiceUnavailable      503  (with Retry-After)
 └── CredentialsUnreadable   500  stored credentials this server's key does not open
 
@@ -69,6 +70,14 @@ class Conflict(StellaError):
     title = "Conflict"
 
 
+class TooManyRequests(StellaError):
+    status = 429
+    title = "Too Many Requests"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
 class ServiceUnavailable(StellaError):
     status = 503
     title = "Service Unavailable"
@@ -120,9 +129,18 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    title = {404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large"}.get(
-        exc.status_code, "Error"
-    )
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI could not parse the body (bytes in no JSON encoding, or nested
+        # too deeply for the decoder): a malformed body, like any other, is a 422.
+        nested = isinstance(exc.__cause__, RecursionError)
+        what = "JSON nested too deeply" if nested else "not valid JSON"
+        return problem(422, "Unprocessable Content", f"body: {what}")
+    title = {
+        400: "Bad Request",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        413: "Content Too Large",
+    }.get(exc.status_code, "Error")
     detail = exc.detail if isinstance(exc.detail, str) else title
     return problem(exc.status_code, title, detail, headers=dict(exc.headers or {}))
 

@@ -25,15 +25,22 @@ def encode_cursor(*values: Any) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def decode_cursor(cursor: str, arity: int) -> list[Any]:
+def decode_cursor(cursor: str, arity: int) -> list[str]:
+    """The `arity` values `encode_cursor` put in `cursor`, as strings (422 for anything else)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         values = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
+    # RecursionError: a forged cursor of deeply nested arrays.
+    except (binascii.Error, ValueError, RecursionError) as exc:
         raise InvalidInput("cursor is not valid") from exc
-    if not isinstance(values, list) or len(values) != arity:
+    # We encode strings and integers only (names, timestamps, ids): anything else is forged.
+    if (
+        not isinstance(values, list)
+        or len(values) != arity
+        or not all(type(value) in (str, int) for value in values)  # not bool, a subclass of int
+    ):
         raise InvalidInput("cursor is not valid")
-    return values
+    return [str(value) for value in values]
 
 
 def set_next_link(request: Request, response: Response, next_cursor: str | None) -> None:

@@ -17,6 +17,7 @@ from app.jobs import CeleryJobQueue, JobQueue, make_celery, prepare_embedded_bro
 from app.notify import LocalNotifier, Notifier, RedisNotifier
 from app.settings import Settings
 from app.tasks.credentials import CredentialCipher
+from app.tokens.guard import RegistrationGuard, make_guard
 from pki import CertificateAuthority, load_or_create_pki
 
 
@@ -30,13 +31,16 @@ class Runtime:
     jobs: JobQueue
     notifier: Notifier = field(default_factory=LocalNotifier)
     auth: AgentAuthCache = field(init=False)
+    registration_guard: RegistrationGuard = field(init=False)
 
     def __post_init__(self) -> None:
         self.auth = AgentAuthCache(
             ca=self.ca, signer=self.token_signer, capacity=self.settings.auth_cache_size
         )
+        self.registration_guard = make_guard(self.settings)
 
     def close(self) -> None:
+        self.registration_guard.close()
         self.engine.dispose()
 
 

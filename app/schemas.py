@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     PlainSerializer,
     SerializerFunctionWrapHandler,
     model_serializer,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 
 def _rfc3339(value: dt.datetime) -> str:
@@ -32,6 +37,53 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
 Timestamp = Annotated[
     dt.datetime, AfterValidator(_as_utc), PlainSerializer(_rfc3339, return_type=str)
 ]
+
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL_CHARACTERS.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+class NoControlCharacters:
+    """`Annotated` marker: text without control characters (it ends up in
+    listings, selectors and terminals), said in the OpenAPI document too."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(_no_control_characters, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        json_schema["pattern"] = "^[^\\x00-\\x1f\\x7f]*$"
+        return json_schema
+
+
+# Deeper JSON documents are refused: the encoders that store and serve them
+# recurse once per level, and give out (a 500) long before the body limit.
+MAX_JSON_DEPTH = 32
+
+
+def _shallow(value: dict[str, Any]) -> dict[str, Any]:
+    # Iterative: a recursive walk would fail on exactly the documents it refuses.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return value
+
+
+# A free-form JSON object (payload, credentials, result), of bounded depth.
+JsonObject = Annotated[dict[str, Any], AfterValidator(_shallow)]
 
 
 class ApiModel(BaseModel):

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     cert_ttl: int = Field(86400, ge=60)
     cert_renewal_window: int = Field(3600, ge=0)
     registration_token_ttl: int = Field(86400, ge=60, le=86400)
+    # Failed registrations (bad, used or expired token) one source address may
+    # make per window of this many seconds; past them it is answered 429.
+    registration_failure_limit: int = Field(10, ge=1)
+    registration_failure_window: int = Field(60, ge=1, le=86400)
 
     server_names: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
     trusted_proxies: Annotated[list[str], NoDecode] = []

@@ -221,6 +221,8 @@ def start_stack(
             "redis_url": REDIS_URL,
             "broker_key_prefix": prefix,
         }
+    # Every test registers from one address: no guessing limit unless a test sets one.
+    overrides.setdefault("registration_failure_limit", 1_000_000)
     settings = Settings(
         data_dir=tmp,
         database_url=database_url,

@@ -39,7 +39,7 @@ router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 AgentIdPath = Annotated[uuid.UUID, Path(alias="id")]
 
 
-@router.post("/register", status_code=201, responses=problems(401, 409, 422))
+@router.post("/register", status_code=201, responses=problems(401, 409, 413, 422, 429))
 async def register_agent(
     body: AgentRegister, runtime: RuntimeDep, token: RegistrationTokenDep, source: ClientAddressDep
 ) -> AgentRegistered:
@@ -103,7 +103,7 @@ async def get_agent(
     "/{id}",
     dependencies=[AdminDep],
     tags=["operators"],
-    responses=problems(401, 404, 409, 422),
+    responses=problems(401, 404, 409, 413, 422),
 )
 async def update_agent(
     agent_id: AgentIdPath, body: AgentUpdate, runtime: RuntimeDep, source: ClientAddressDep
@@ -137,7 +137,9 @@ async def delete_agent(
 _NO_TASKS = b'{"tasks":[]}'
 
 
-@router.post("/{id}/heartbeat", response_model=HeartbeatAnswer, responses=problems(401, 403, 422))
+@router.post(
+    "/{id}/heartbeat", response_model=HeartbeatAnswer, responses=problems(401, 403, 413, 422)
+)
 async def heartbeat(
     agent_id: AgentIdPath, body: Heartbeat, request: Request, runtime: RuntimeDep, caller: CallerDep
 ) -> Any:

@@ -7,7 +7,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator
 
-from app.schemas import ApiModel, OmitNoneModel, OperatorRequest, Timestamp
+from app.schemas import (
+    ApiModel,
+    NoControlCharacters,
+    OmitNoneModel,
+    OperatorRequest,
+    Timestamp,
+)
 from app.tasks.schemas import TaskDelivery
 
 AgentName = Annotated[
@@ -19,7 +25,7 @@ Capability = Annotated[
 LabelKey = Annotated[
     str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 ]
-LabelValue = Annotated[str, StringConstraints(max_length=255)]
+LabelValue = Annotated[str, StringConstraints(max_length=255), NoControlCharacters()]
 Capabilities = Annotated[list[Capability], Field(max_length=64)]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
 AgentStatus = Literal["online", "offline", "degraded"]
@@ -32,7 +38,7 @@ def _unique(values: list[str] | None) -> list[str] | None:
 
 class AgentRegister(ApiModel):
     name: AgentName
-    version: Annotated[str, StringConstraints(max_length=64)] = ""
+    version: Annotated[str, StringConstraints(max_length=64), NoControlCharacters()] = ""
     capabilities: Capabilities = []
     labels: Labels = {}
     # PEM PKCS#10: certify this key instead of generating one for the agent.
@@ -105,7 +111,7 @@ class AgentDeleted(ApiModel):
 
 
 class Heartbeat(ApiModel):
-    status: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    status: Annotated[str, StringConstraints(min_length=1, max_length=32), NoControlCharacters()]
     resource_usage: ResourceUsage | None = None
     capabilities: Capabilities | None = None
     running_tasks: Annotated[int, Field(ge=0, le=1_000_000)] = 0

@@ -47,8 +47,12 @@ def register(
 
     One transaction: a registration that fails (taken name, bad CSR) spends
     no token and leaves no audit event. 401 for a bad, used or expired
-    token; 409 for a taken name.
+    token; 409 for a taken name; 429 for any registration from a `source`
+    past its failed attempts (see `app.tokens.guard`).
     """
+    guard = runtime.registration_guard
+    if source is not None:
+        guard.check(source)
     if request.csr is not None:
         try:
             public_key = public_key_from_csr(request.csr)
@@ -62,6 +66,8 @@ def register(
 
     agent_id = uuid.uuid4()
     if not tokens_service.consume_token(session=session, token=token, agent_id=agent_id):
+        if source is not None:
+            guard.failed(source)
         raise Unauthorized("registration token is invalid, used or expired")
 
     issued = certs_service.issue(

@@ -27,6 +27,7 @@ from app.auth.service import AuthenticatedAgent, authenticate_agent, is_operator
 from app.db import transaction
 from app.errors import Forbidden, Unauthorized
 from app.runtime import Runtime
+from app.tokens.guard import source_address
 
 T = TypeVar("T")
 
@@ -73,9 +74,10 @@ async def get_caller(request: Request, credentials: BearerDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-async def get_client_address(request: Request) -> str | None:
-    """The caller's address, as the audit trail names it."""
-    return request.client.host if request.client else None
+async def get_client_address(request: Request, runtime: RuntimeDep) -> str | None:
+    """The caller's address, as the audit trail and the registration guard name it:
+    the TCP peer, or the address a trusted proxy forwarded."""
+    return source_address(request.scope, runtime.settings)
 
 
 ClientAddressDep = Annotated[str | None, Depends(get_client_address)]

@@ -23,6 +23,7 @@ _DESCRIPTIONS = {
     409: "Conflict with the current state",
     413: "Request body too large",
     422: "Malformed request",
+    429: "Too many failed attempts from this address; see Retry-After",
     503: "Unavailable (agent offline, or the database is down); see Retry-After",
 }
 
@@ -31,9 +32,13 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries for these status codes."""
     return {
         code: {
+            # `model` registers the schema; the media type the answers carry names it too,
+            # so that a client (or a fuzzer) can validate problem bodies.
             "model": Problem,
             "description": _DESCRIPTIONS[code],
-            "content": {"application/problem+json": {}},
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
         }
         for code in codes
     }

@@ -55,7 +55,7 @@ async def poll_tasks(
     return await in_transaction(runtime, work)
 
 
-@agent_router.post("/{taskId}/complete", responses=problems(401, 403, 404, 409, 422))
+@agent_router.post("/{taskId}/complete", responses=problems(401, 403, 404, 409, 413, 422))
 async def complete_task(
     agent_id: AgentIdPath,
     task_id: TaskIdPath,
@@ -84,7 +84,7 @@ async def complete_task(
     status_code=201,
     responses={
         202: {"model": DispatchAccepted, "description": "Selector dispatch accepted"},
-        **problems(401, 404, 422, 503),
+        **problems(401, 404, 413, 422, 503),
     },
 )
 async def dispatch_task(body: TaskCreate, runtime: RuntimeDep) -> TasksCreated:

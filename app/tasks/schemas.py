@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from app.schemas import ApiModel, OmitNoneModel, OperatorRequest, Timestamp
+from app.schemas import ApiModel, JsonObject, OmitNoneModel, OperatorRequest, Timestamp
 
 TaskType = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -61,8 +61,8 @@ class TaskTarget(OperatorRequest):
 
 class TaskCreate(OperatorRequest):
     task_type: TaskType
-    payload: dict[str, Any] = {}
-    credentials: Annotated[dict[str, Any], Field(max_length=64)] | None = None
+    payload: JsonObject = {}
+    credentials: Annotated[JsonObject, Field(max_length=64)] | None = None
     timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] | None = None
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     target: TaskTarget
@@ -131,7 +131,7 @@ class TaskSummary(ApiModel):
 
 class TaskComplete(ApiModel):
     success: bool
-    result: dict[str, Any] | None = None
+    result: JsonObject | None = None
     logs: Annotated[list[LogLine], Field(max_length=10_000)] = []
     error: Annotated[str, StringConstraints(max_length=4096)] | None = None
 

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/api/v1/registration-tokens", tags=["operators"])
     "",
     status_code=201,
     dependencies=[AdminDep],
-    responses=problems(401, 422),
+    responses=problems(401, 413, 422),
 )
 async def create_registration_token(
     runtime: RuntimeDep, source: ClientAddressDep, body: RegistrationTokenCreate | None = None

@@ -218,6 +218,53 @@ class TestRegisterInvalid:
         assert "12345" not in response.text
         assert post_register(stack, token, registration_body("good")).status_code == 201
 
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            pytest.param(registration_body("a\x00b"), "body.name", id="name-nul"),
+            pytest.param(registration_body("a\tb"), "body.name", id="name-tab"),
+            pytest.param(registration_body("ab\x7f"), "body.name", id="name-del"),
+            pytest.param(registration_body("a" * 10_240), "body.name", id="name-10kB"),
+            pytest.param(
+                registration_body("a1", version="1.0\x1b[31m"), "body.version", id="version-esc"
+            ),
+            pytest.param(
+                registration_body("a1", version="1" * 10_240), "body.version", id="version-10kB"
+            ),
+            pytest.param(
+                registration_body("a1", labels={"dc": "us\neast"}),
+                "body.labels.dc",
+                id="label-newline",
+            ),
+            pytest.param(
+                registration_body("a1", labels={"dc": "x" * 10_240}),
+                "body.labels.dc",
+                id="label-10kB",
+            ),
+            pytest.param(
+                registration_body("a1", labels={f"k{i}": "v" for i in range(1_000)}),
+                "body.labels",
+                id="labels-1000",
+            ),
+            pytest.param(
+                registration_body("a1", capabilities=["dock\x00er"]),
+                "body.capabilities.0",
+                id="capability-nul",
+            ),
+            pytest.param(
+                registration_body("a1", capabilities=[f"c{i}" for i in range(10_000)]),
+                "body.capabilities",
+                id="capabilities-10000",
+            ),
+        ],
+    )
+    def test_control_characters_and_absurd_sizes_are_a_422_naming_the_field(
+        self, stack: Stack, operator: httpx.Client, body: dict[str, Any], field: str
+    ) -> None:
+        problem = assert_problem(post_register(stack, mint_token(operator), body), 422)
+        assert problem["detail"].startswith(f"{field}: "), problem["detail"]
+        assert count_agents(stack) == 0
+
     def test_malformed_json_is_422_without_echo(self, stack: Stack, operator: httpx.Client) -> None:
         response = post_register(
             stack,

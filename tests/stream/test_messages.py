@@ -259,6 +259,16 @@ class TestInvalidMessages:
                 "timestamp",
             ),
             (b"\xff\xfe\x00" + SECRET.encode(), "JSON"),
+            # Nested 10,000 deep, alone and inside a message: refused by the parser's depth limit.
+            ("[" * 10_000 + "]" * 10_000, "JSON"),
+            (
+                json.dumps(progress(task_id, 5))[:-1]
+                + ', "x": '
+                + "[" * 10_000
+                + "]" * 10_000
+                + "}",
+                "JSON",
+            ),
         ]
         assert len(cases) + 1 < BURST  # well-behaved: the flood limit is not what is tested
         assert len(json.dumps(log_line(task_id, SECRET * 1700))) < FRAME_LIMIT
