@@ -72,6 +72,9 @@ SETTINGS: dict[str, Any] = {
     "dispatch_stall_after": 10,
 }
 TASK_TIMEOUT = 30  # seconds: a task held through a long silence times out
+# Reachable seconds an agent needs within a task's timeout to report it: the random
+# delay (3 s at most), a retry or two, a sweep interval of slack.
+REPORT_SECONDS = 8.0
 REQUEST_TIMEOUT = 15.0
 DRAIN_SECONDS = 120.0  # at most, once dispatching stops
 SETTLE_SECONDS = 30.0  # at most, for the agents' final statuses
@@ -115,8 +118,15 @@ class Ledger:
     acked: dict[str, uuid.UUID] = field(default_factory=dict)
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
-    # Web restarts that outlasted the offline window: (from, to)
+    # Web restarts, (from, to); and those that outlasted the offline window
+    web_down: list[tuple[float, float]] = field(default_factory=list)
     outages: list[tuple[float, float]] = field(default_factory=list)
+
+    def web_reachable(self, start: float, end: float) -> float:
+        """Seconds of [start, end] the web server was up."""
+        down = sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.web_down)
+        return end - start - down
+
     violations: list[str] = field(default_factory=list)
 
     def clock(self) -> float:
@@ -561,6 +571,8 @@ class Soak:
                 self.ledger.violation(f"{role} did not start again after SIGKILL: {exc}"[:2000])
                 return
             took = self.ledger.clock() - at
+            if role == "web":
+                self.ledger.web_down.append((at, at + took))
             if role == "web" and took > WINDOW - HEARTBEAT_INTERVAL - 1:
                 # No agent could be heard for a whole offline window: all may go offline.
                 self.ledger.outages.append((at, at + took))
@@ -645,6 +657,13 @@ class Soak:
         for leak in canary_leaks(self.stack.logs, self.canary):
             ledger.violation(f"canary credential in {leak}")
         counts = ledger.counts
+        # Web workers the supervisor found dead and replaced (not counting our SIGKILLs,
+        # which take the supervisor too): a worker crashing, or too slow to answer it.
+        counts["web_workers_respawned"] = sum(
+            log.read_text(errors="replace").count("] died")
+            for log in self.stack.logs
+            if log.name.startswith("web-")
+        )
         counts["agents"] = len(self.members)
         counts["agents_silent_for_a_while"] = sum(
             1 for m in self.members if m.silences and not m.gone
@@ -820,6 +839,9 @@ class Checker:
             at = ledger.deliveries[task_id][0][2]
             if member.silent_during(at - 1, at + TASK_TIMEOUT + 5):
                 self.counts["timed_out_while_silent"] += 1
+            elif ledger.web_reachable(at, at + TASK_TIMEOUT) < REPORT_SECONDS:
+                # The web restart outlasted the task's timeout: nobody could report.
+                self.counts["timed_out_while_web_down"] += 1
             else:
                 self.bad(
                     f"task {task_id} timed out while its agent kept working "
