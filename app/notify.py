@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -25,7 +25,9 @@ import redis
 
 log = logging.getLogger(__name__)
 
-EventKind = Literal["task_created", "task_cancelled", "agent_deleted"]
+# agent_offline goes on the fleet channel only: web processes' caches need it, streams do not.
+EventKind = Literal["task_created", "task_cancelled", "agent_deleted", "agent_offline"]
+FLEET_BATCH = 1000  # fleet-only events per pipeline round trip
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ def _tell(listeners: list[Listener], event: AgentEvent) -> None:
 class Notifier(Protocol):
     def publish(self, event: AgentEvent) -> None: ...
 
+    def publish_fleet(self, events: Sequence[AgentEvent]) -> None:
+        """Tell every web process (not the agents' streams), in as few round trips as may be."""
+
     def subscribe_all(self, listener: Listener) -> None:
         """Hear every event this process publishes, synchronously, as it is published."""
 
@@ -104,6 +109,12 @@ class LocalNotifier:
         with self._lock:
             listeners = [*self._fleet_listeners, *self._listeners.get(event.agent_id, ())]
         _tell(listeners, event)
+
+    def publish_fleet(self, events: Sequence[AgentEvent]) -> None:
+        with self._lock:
+            listeners = list(self._fleet_listeners)
+        for event in events:
+            _tell(listeners, event)
 
     def subscribe_all(self, listener: Listener) -> None:
         """Call `listener` for every event of every agent (for the life of the process)."""
@@ -155,6 +166,19 @@ class RedisNotifier:
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not publish %s for agent %s: %s", event.kind, event.agent_id, exc)
+
+    def publish_fleet(self, events: Sequence[AgentEvent]) -> None:
+        for event in events:
+            _tell(self._local, event)
+        try:
+            for start in range(0, len(events), FLEET_BATCH):
+                with self._client.pipeline(transaction=False) as pipe:
+                    for event in events[start : start + FLEET_BATCH]:
+                        pipe.publish(self._fleet, event.encode_with_agent())
+                    pipe.execute()
+        except redis.RedisError as exc:
+            # The caches it would have corrected fall back on their own checks.
+            log.warning("could not publish %d fleet events: %s", len(events), exc)
 
     def close(self) -> None:
         self._client.close()

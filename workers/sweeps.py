@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def mark_offline() -> int:
     rt = runtime()
     with transaction(rt.engine) as session:
-        marked = service.mark_offline(session=session, settings=rt.settings)
+        marked = service.mark_offline(session=session, settings=rt.settings, notifier=rt.notifier)
     if marked:
         log.info("marked %d agents offline", len(marked))
     return len(marked)

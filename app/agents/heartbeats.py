@@ -116,7 +116,8 @@ class HeartbeatService:
         assert not isinstance(item, str)
         if item.kind == "task_created":
             self.pending.mark(item.agent_id)
-        elif item.kind == "agent_deleted":
+        elif item.kind in ("agent_deleted", "agent_offline"):
+            # Offline: the cached "online" is stale, and the return must be written at once.
             self.auth.forget(item.agent_id)
 
     def _forget_agents(self, agent_ids: set[uuid.UUID]) -> None:

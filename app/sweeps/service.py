@@ -20,7 +20,7 @@ from app.db import after_commit, insert_ignoring_conflicts
 from app.jobs import EXPAND_DISPATCH, JobQueue
 from app.models import Agent, Dispatch, RegistrationToken, SweepMark, Task
 from app.models.types import utcnow
-from app.notify import Notifier
+from app.notify import AgentEvent, Notifier
 from app.settings import Settings
 from app.tasks import service as tasks_service
 from app.tasks.schemas import RUNNING_STATUSES
@@ -34,7 +34,11 @@ RENEWAL_BATCH = 500
 
 
 def mark_offline(
-    *, session: Session, settings: Settings, now: dt.datetime | None = None
+    *,
+    session: Session,
+    settings: Settings,
+    notifier: Notifier | None = None,
+    now: dt.datetime | None = None,
 ) -> list[uuid.UUID]:
     """Agents silent for STELLA_OFFLINE_AFTER_MISSED intervals become offline.
 
@@ -53,7 +57,11 @@ def mark_offline(
         .returning(col(Agent.id)),
         execution_options={"synchronize_session": False},
     )
-    return [row[0] for row in rows]
+    marked = [row[0] for row in rows]
+    if notifier is not None and marked:
+        events = [AgentEvent("agent_offline", agent_id=agent_id) for agent_id in marked]
+        after_commit(session, lambda: notifier.publish_fleet(events))
+    return marked
 
 
 def offline_window(settings: Settings) -> dt.timedelta:

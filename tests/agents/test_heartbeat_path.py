@@ -10,6 +10,7 @@ reconcile.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,12 +20,16 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
+from sqlmodel import col
 
 from app.db import transaction
 from app.models import Agent
+from app.models.types import utcnow
 from app.notify import LocalNotifier
 from app.runtime import Runtime
 from app.settings import Settings
+from app.sweeps import service as sweeps
 from app.tasks import service as tasks_service
 from app.tasks.schemas import TaskCreate
 from tests.conftest import (
@@ -166,6 +171,30 @@ class TestCachesFollowTheFleet:
             refused = beat(on_a, agent)
             assert refused.status_code == 401, refused.text
             assert refused.headers["content-type"] == "application/problem+json"
+
+    def test_a_return_from_offline_is_written_before_the_answer(self, fleet: Fleet) -> None:
+        """The sweep (another process) tells every web process who went offline, so
+        the cached "online" is dropped and the return is written, not behind."""
+        (agent,) = register_in_process(fleet.runtime, fleet.tmp, 1, capabilities=["docker"])
+        with fleet.agent("b", agent) as on_b:
+            warm(on_b, agent)
+            time.sleep(2 * FLUSH_INTERVAL)  # nothing of this agent left to write behind
+            silent_since = utcnow() - dt.timedelta(hours=1)
+            with transaction(fleet.runtime.engine) as session:
+                session.execute(
+                    update(Agent)
+                    .where(col(Agent.id) == uuid.UUID(agent.id))
+                    .values(last_heartbeat=silent_since)
+                )
+            with transaction(fleet.runtime.engine) as session:
+                marked = sweeps.mark_offline(
+                    session=session, settings=fleet.settings, notifier=fleet.runtime.notifier
+                )
+            assert marked == [uuid.UUID(agent.id)]
+            time.sleep(0.5)  # the event's way through Redis
+            assert beat(on_b, agent).status_code == 200
+            row = stored(fleet, agent)
+            assert (row.status, row.last_heartbeat > silent_since) == ("online", True)
 
     def test_a_task_created_on_one_process_is_handed_over_by_the_other(self, fleet: Fleet) -> None:
         (agent,) = register_in_process(fleet.runtime, fleet.tmp, 1, capabilities=["docker"])
