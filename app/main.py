@@ -21,6 +21,9 @@ from app.certs.router import router as certs_router
 from app.dispatch.router import router as dispatch_router
 from app.errors import install_error_handlers
 from app.health.router import router as health_router
+from app.metrics.exposition import registry_for
+from app.metrics.middleware import RequestMetricsMiddleware
+from app.metrics.router import router as metrics_router
 from app.notify import AgentEvent, LocalNotifier
 from app.runtime import Runtime, build_runtime
 from app.settings import Settings, get_settings
@@ -73,9 +76,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.hub = hub
     app.state.heartbeats = heartbeats
     app.state.refusals = refusals
+    app.state.metrics_registry = registry_for(runtime.engine, settings)
     install_error_handlers(app)
     install_refusal_audit(app, refusals)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outermost of ours: its timing includes the body limit and every handler.
+    app.add_middleware(RequestMetricsMiddleware)
     for router in (
         health_router,
         certs_router,
@@ -86,6 +92,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         dispatch_router,
         audit_router,
         stream_router,
+        metrics_router,
     ):
         app.include_router(router)
     return app

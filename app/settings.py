@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # once per this many seconds per web process (a flood costs no insert each).
     audit_flush_interval: float = Field(2.0, gt=0, le=60)
 
+    # GET /metrics without the admin token (a scraper on a trusted network).
+    metrics_public: bool = False
+
     @field_validator("server_names", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 
 from pydantic import ValidationError
@@ -32,6 +33,7 @@ from app.agents.heartbeats import HeartbeatService
 from app.agents.schemas import Heartbeat
 from app.auth.client_cert import MalformedCertificate, presented_certificate_pem
 from app.errors import StellaError
+from app.metrics.instruments import HEARTBEAT_DURATION, HEARTBEATS_RECEIVED
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ _HEADERS = [
     (b"content-type", b"application/json"),
     (b"content-length", str(len(_NO_TASKS)).encode()),
 ]
+# Bound once: a labelled child per heartbeat would cost a dict lookup and a lock.
+_FAST_RECEIVED = HEARTBEATS_RECEIVED.labels("fast_lane")
+_FAST_DURATION = HEARTBEAT_DURATION.labels("fast_lane")
+_FULL_DURATION = HEARTBEAT_DURATION.labels("full")
 
 
 class HeartbeatFastLane:
@@ -58,12 +64,18 @@ class HeartbeatFastLane:
         if match is None:
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         messages, body = await self._read(receive)
         if body is not None and self._answer_steady(scope, match[1], body):
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             await send({"type": "http.response.body", "body": _NO_TASKS})
+            _FAST_RECEIVED.inc()
+            _FAST_DURATION.observe(time.perf_counter() - started)
             return
-        await self.app(scope, _replay(messages, receive), send)
+        try:
+            await self.app(scope, _replay(messages, receive), send)
+        finally:
+            _FULL_DURATION.observe(time.perf_counter() - started)
 
     def _answer_steady(self, scope: Scope, agent: str, body: bytes) -> bool:
         token = content_type = None

@@ -45,6 +45,7 @@ from app.auth.service import registered_agent
 from app.certs import service as certs_service
 from app.db import transaction
 from app.errors import Forbidden, Unauthorized
+from app.metrics.instruments import HEARTBEATS_RECEIVED, observe_deliveries
 from app.models import Task
 from app.models.types import utcnow
 from app.runtime import Runtime
@@ -55,6 +56,8 @@ from app.tasks.schemas import TaskDelivery
 from pki import ClientIdentity
 
 log = logging.getLogger(__name__)
+# The fast lane counts its own ("fast_lane"); these come through the route.
+_FULL_RECEIVED = HEARTBEATS_RECEIVED.labels("full")
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,13 @@ class HeartbeatService:
         identity = self.auth.check(token, certificate_pem, now)
         beat = Beat.of(agent_id, report, now)
         if self._steady(beat, identity, now):
+            _FULL_RECEIVED.inc()
             return None
-        return await self._full(beat, identity, renew=self._renewal_due(identity, now))
+        answer = await self._full(beat, identity, renew=self._renewal_due(identity, now))
+        _FULL_RECEIVED.inc()
+        if answer is not None:
+            observe_deliveries("heartbeat", (task.created for task in answer.tasks))
+        return answer
 
     def receive_steady(
         self,

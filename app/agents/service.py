@@ -24,6 +24,7 @@ from app.audit import service as audit_service
 from app.certs import service as certs_service
 from app.db import after_commit, insert_ignoring_conflicts
 from app.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from app.metrics.instruments import CERTIFICATES_ISSUED
 from app.models import Agent, Task
 from app.notify import AgentEvent
 from app.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
@@ -93,6 +94,7 @@ def register(
     if not inserted:
         raise Conflict(f"agent name {request.name!r} is already registered")
     _audit_registration(session, agent, source=source, csr=request.csr is not None)
+    after_commit(session, CERTIFICATES_ISSUED.inc)
 
     settings = runtime.settings
     return AgentRegistered(

@@ -10,6 +10,8 @@ from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session
 
 from app.audit import service as audit_service
+from app.db import after_commit
+from app.metrics.instruments import CERTIFICATES_RENEWED
 from app.models import Agent
 from app.models.types import utcnow
 from app.settings import Settings
@@ -71,6 +73,7 @@ def renewal_for(
         public_key=load_public_key_pem(agent.public_key_pem),
     )
     audit_renewal(session=session, agent_id=agent.id, renewed=renewed, previous=agent.cert_serial)
+    after_commit(session, CERTIFICATES_RENEWED.inc)
     agent.cert_pem = renewed.pem
     agent.cert_serial = renewed.serial
     agent.cert_not_after = renewed.not_after

@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
+from app.metrics import multiprocess as metrics_multiprocess
 from app.server.options import log_config, websocket_options
+from app.server.supervisor import MetricsAwareMultiprocess
 from app.server.tls import uvicorn_config
 from app.settings import get_settings
 from pki import PkiError, load_or_create_pki
@@ -36,6 +37,8 @@ def serve(
     except PkiError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    # Before any web process imports prometheus-client (the app factory below does).
+    metrics_multiprocess.prepare(settings, port)
     server_cert = server_key = None
     if tls:
         server_cert, server_key = ca.server_certificate_files(settings.server_names)
@@ -58,4 +61,4 @@ def serve(
     if workers == 1:
         uvicorn.Server(config).run()
     else:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        MetricsAwareMultiprocess(config, sockets=[config.bind_socket()]).run()

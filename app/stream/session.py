@@ -32,6 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.db import transaction
 from app.errors import StellaError
+from app.metrics.instruments import TASK_STREAMS_OPEN, observe_deliveries
 from app.runtime import Runtime
 from app.stream.claims import AgentGone, ClaimBatcher
 from app.stream.hub import RESYNC, Hub, StreamItem, Subscription
@@ -97,6 +98,7 @@ class TaskStream:
         """Serve the stream until the agent leaves, is deleted, or misbehaves."""
         subscription = await hub.subscribe(self.agent_id)
         recheck.add(subscription)
+        TASK_STREAMS_OPEN.inc()
         writer = asyncio.create_task(self._write_loop(subscription, claims))
         try:
             await self._read_loop()
@@ -106,6 +108,7 @@ class TaskStream:
         except (WebSocketDisconnect, RuntimeError):
             pass  # the agent left, or the writer closed the stream, while we were sending
         finally:
+            TASK_STREAMS_OPEN.dec()
             recheck.discard(subscription)
             subscription.close()
             writer.cancel()
@@ -150,6 +153,7 @@ class TaskStream:
             deliveries = await claims.claim(self.agent_id)
             for delivery in deliveries:
                 await self._send(TaskAssigned(task=delivery))
+                observe_deliveries("stream", [delivery.created])
             if len(deliveries) < tasks_service.CLAIM_BATCH:
                 return
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, PrivateAttr, StringConstraints, model_validator
 
 from app.schemas import ApiModel, JsonObject, OmitNoneModel, OperatorRequest, Timestamp
 
@@ -31,6 +32,16 @@ class TaskDelivery(OmitNoneModel):
     credentials: dict[str, Any] | None = None
     timeout: int
     priority: int
+    # When the task was created, for the dispatch-to-delivery metric; never sent.
+    _created_at: dt.datetime | None = PrivateAttr(default=None)
+
+    @property
+    def created(self) -> dt.datetime | None:
+        return self._created_at
+
+    def created_on(self, created_at: dt.datetime) -> TaskDelivery:
+        self._created_at = created_at
+        return self
 
 
 class TaskPending(TaskDelivery):

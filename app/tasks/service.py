@@ -206,7 +206,7 @@ def deliver(task: Task, cipher: CredentialCipher) -> TaskDelivery:
         credentials=_credentials(task, cipher),
         timeout=task.timeout,
         priority=task.priority,
-    )
+    ).created_on(task.created_at)
 
 
 def open_tasks_for_agent(

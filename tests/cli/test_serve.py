@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import signal
@@ -16,9 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from websockets.asyncio.client import connect
 
 from pki import generate_agent_key, issue_client_certificate, load_or_create_pki, private_key_pem
 from tests.conftest import free_port
+from tests.metrics.helpers import Samples, parse, total, value
 
 STELLA = str(Path(sys.executable).with_name("stella"))
 ADMIN = "serve-test-admin-token"
@@ -160,3 +163,80 @@ class TestServeRefusesBrokenPki:
         assert "ca.key" in result.stderr
         assert "Refusing to create new keys" in result.stderr
         assert not (tmp_path / "pki" / "ca.key").exists()
+
+
+class TestServeMetrics:
+    """Two web processes: every scrape, whichever process answers it, sums both."""
+
+    def test_counters_and_live_gauges_sum_over_the_workers(
+        self, served: Served, tmp_path: Path
+    ) -> None:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+
+        def scrape() -> Samples:
+            # A fresh connection each time: the kernel hands it to either worker.
+            response = httpx.get(f"{served.url}/metrics", headers=admin, verify=served.context())
+            assert response.status_code == 200, response.text
+            return parse(response.text)
+
+        port = served.url.rsplit(":", 1)[1]
+        files = list((served.data_dir / "metrics" / port).glob("*.db"))
+        assert len({path.stem.rsplit("_", 1)[1] for path in files}) >= 2, files
+
+        before = scrape()
+        minted = httpx.post(
+            f"{served.url}/api/v1/registration-tokens",
+            json={},
+            headers=admin,
+            verify=served.context(),
+        )
+        assert minted.status_code == 201, minted.text
+        registered = httpx.post(
+            f"{served.url}/api/v1/agents/register",
+            json={"name": "metrics-agent", "capabilities": ["docker"]},
+            headers={"X-Agent-Token": minted.json()["token"]},
+            verify=served.context(),
+        )
+        assert registered.status_code == 201, registered.text
+        body = registered.json()
+        cert, key = tmp_path / "agent.pem", tmp_path / "agent.key"
+        cert.write_text(body["certificate"]["cert"])
+        key.write_text(body["certificate"]["key"])
+        bearer = {"Authorization": f"Bearer {body['token']}"}
+        for _ in range(12):
+            answer = httpx.post(
+                f"{served.url}/api/v1/agents/{body['agentId']}/heartbeat",
+                json={"status": "healthy"},
+                headers=bearer,
+                verify=served.context(cert, key),
+            )
+            assert answer.status_code == 200, answer.text
+
+        def moved(after: Samples, name: str) -> float:
+            return total(after, name) - total(before, name)
+
+        for _ in range(6):
+            after = scrape()
+            assert moved(after, "stella_heartbeats_received_total") == 12
+            assert moved(after, "stella_heartbeat_duration_seconds_count") == 12
+            assert moved(after, "stella_certificates_issued_total") == 1
+            assert value(after, "stella_agents", status="online") >= 1
+
+        streams = "stella_task_streams_open"
+
+        async def with_stream_open() -> None:
+            async with connect(
+                f"{served.url.replace('https://', 'wss://')}/api/v1/agents/"
+                f"{body['agentId']}/task-stream",
+                ssl=served.context(cert, key),
+                additional_headers=bearer,
+                open_timeout=10,
+            ):
+                seen = [value(await asyncio.to_thread(scrape), streams) for _ in range(6)]
+                assert seen == [value(before, streams) + 1] * 6
+
+        asyncio.run(with_stream_open())
+        deadline = time.monotonic() + 10
+        while value(scrape(), streams) != value(before, streams):
+            assert time.monotonic() < deadline, "the closed stream is still counted"
+            time.sleep(0.1)

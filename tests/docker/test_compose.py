@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from app.metrics import collector, instruments
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,3 +83,88 @@ class TestDockerfile:
         text = (ROOT / "docker" / "Dockerfile").read_text()
         for package in ("app", "pki", "workers", "beat", "migrations"):
             assert f"COPY {package} ./{package}" in text, package
+
+
+def metric_names() -> set[str]:
+    """Every metric family /metrics exposes, by its exposition name."""
+    names = set(collector.FAMILIES)
+    for metric in vars(instruments).values():
+        if isinstance(metric, MetricWrapperBase):
+            kind = metric._type
+            names.add(f"{metric._name}_total" if kind == "counter" else metric._name)
+    return names
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(
+        (ROOT / "docker" / "grafana" / "dashboards" / "stella.json").read_text()
+    )
+    return loaded
+
+
+def dashboard_queries() -> list[str]:
+    return [
+        target["expr"] for panel in dashboard()["panels"] for target in panel.get("targets", [])
+    ]
+
+
+class TestMetrics:
+    def test_prometheus_scrapes_the_web_process_over_tls_with_the_token_and_flower(
+        self,
+    ) -> None:
+        config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+        jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+        web = jobs["stella-web"]
+        assert web["scheme"] == "https"
+        assert web["metrics_path"] == "/metrics"
+        assert web["static_configs"][0]["targets"] == ["web:8443"]
+        # The token comes from a file, never inline in the config.
+        assert web["authorization"]["type"] == "Bearer"
+        assert "credentials" not in web["authorization"]
+        assert web["authorization"]["credentials_file"] == "/run/secrets/stella-admin-token"
+        assert "insecure_skip_verify" not in web["tls_config"]
+        ca_file = web["tls_config"]["ca_file"]
+        assert jobs["stella-flower"]["static_configs"][0]["targets"] == ["flower:5555"]
+
+        services = compose()["services"]
+        prometheus = services["prometheus"]
+        assert "stella-admin-token" in prometheus["secrets"]
+        assert compose()["secrets"]["stella-admin-token"]["environment"] == "STELLA_ADMIN_TOKEN"
+        mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in prometheus["volumes"]}
+        assert mounts["/etc/prometheus/prometheus.yml"] == "./prometheus.yml"
+        assert mounts["/etc/prometheus/stella-ca"] == "stella-ca"
+        assert ca_file == "/etc/prometheus/stella-ca/ca.pem"
+        # Prometheus sees the CA certificate, never the PKI directory with the keys.
+        assert "stella-data" not in mounts.values()
+        export = services["ca-export"]
+        assert "/var/lib/stella/pki/ca.pem" in " ".join(command_of(export))
+        assert (
+            prometheus["depends_on"]["ca-export"]["condition"] == "service_completed_successfully"
+        )
+        assert "flower" in prometheus["depends_on"]
+
+    def test_grafana_is_provisioned_with_the_dashboard(self) -> None:
+        grafana = compose()["services"]["grafana"]
+        mounts = {volume.split(":")[0]: volume.split(":")[1] for volume in grafana["volumes"]}
+        assert mounts["./grafana/dashboards"] == "/var/lib/grafana/dashboards"
+        assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+        providers = yaml.safe_load(
+            (ROOT / "docker/grafana/provisioning/dashboards/stella.yml").read_text()
+        )
+        assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+        sources = yaml.safe_load(
+            (ROOT / "docker/grafana/provisioning/datasources/prometheus.yml").read_text()
+        )
+        uids = {source["uid"] for source in sources["datasources"]}
+        for panel in dashboard()["panels"]:
+            if panel["type"] != "row":
+                assert panel["datasource"]["uid"] in uids, panel["title"]
+
+    def test_the_dashboard_shows_every_stella_metric_and_only_real_ones(self) -> None:
+        queries = " ".join(dashboard_queries())
+        used = set(re.findall(r"\bstella_[a-z_]+", queries))
+        # A histogram is queried through its _bucket or _count series.
+        used = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}
+        assert used == metric_names()
+        assert "flower_task_runtime_seconds_bucket" in queries
+        assert "flower_events_total" in queries
