@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import agent, db, dev, flower, serve, simulate, tokens, worker
+from app.cli import agent, agents, audit, db, dev, flower, serve, simulate, tasks, tokens, worker
 
 cli = typer.Typer(
     name="stella",
@@ -22,6 +22,9 @@ cli.command("simulate")(simulate.simulate_command)
 cli.add_typer(tokens.cli, name="tokens")
 cli.add_typer(db.cli, name="db")
 cli.add_typer(agent.cli, name="agent")
+cli.add_typer(agents.cli, name="agents")
+cli.add_typer(tasks.cli, name="tasks")
+cli.add_typer(audit.cli, name="audit")
 
 
 def main() -> None:
