@@ -29,9 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from sqlalchemy import Connection, Engine, text, update
 from sqlmodel import col
-from starlette.concurrency import run_in_threadpool
 
 from app.agents.schemas import Heartbeat
 from app.flush_loop import FlushLoop
@@ -176,6 +177,9 @@ class HeartbeatWriter:
         self._buffer: dict[uuid.UUID, Beat] = {}
         self._failing = False
         self._loop = FlushLoop(self.flush, interval=interval, name="stella-heartbeat-writer")
+        # A thread of its own: under load the shared request threads are all
+        # busy, and a flush queued behind them would outlast the stated window.
+        self._thread: anyio.CapacityLimiter | None = None
 
     @property
     def failing(self) -> bool:
@@ -186,6 +190,7 @@ class HeartbeatWriter:
         self._buffer[beat.agent_id] = beat.following(self._buffer.get(beat.agent_id))
 
     async def start(self) -> None:
+        self._thread = anyio.CapacityLimiter(1)
         await self._loop.start()
 
     async def stop(self) -> None:
@@ -198,7 +203,7 @@ class HeartbeatWriter:
         batch, self._buffer = self._buffer, {}
         beats = list(batch.values())
         try:
-            written = await run_in_threadpool(self._write, beats)
+            written = await anyio.to_thread.run_sync(self._write, beats, limiter=self._thread)
         except Exception as exc:  # the database is down: keep the beats, retry next time
             log.warning("could not write %d heartbeats (%s); retrying", len(beats), exc)
             self._failing = True
