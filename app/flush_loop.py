@@ -32,12 +32,7 @@ class FlushLoop:
         await self._flush()
 
     async def _run(self) -> None:
-        # A fixed rate, not a pause between flushes: a slow flush (a loaded
-        # database) must not stretch the window that the buffers state.
-        clock = asyncio.get_running_loop().time
-        due = clock() + self._interval
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), max(0.0, due - clock()))
+                await asyncio.wait_for(self._stopping.wait(), self._interval)
             await self._flush()
-            due = max(due + self._interval, clock())
