@@ -51,10 +51,7 @@ def list_agents(
     params = {key: value for key, value in params.items() if value not in (None, [])}
     with operator_api(server, ca, admin_token, admin_token_file) as api:
         agents, more = api.fetch_list("/api/v1/agents", params, all_pages=all_pages)
-    if json_output:
-        render.print_json(agents)
-    else:
-        render.console().print(render.agents_table(agents))
+    render.answer(agents, render.agents_table(agents), json_output=json_output)
     if more:
         render.console(stderr=True).print("more agents follow: add --all to list them all")
 
@@ -71,10 +68,7 @@ def show(
     """Show one agent in full."""
     with operator_api(server, ca, admin_token, admin_token_file) as api:
         agent = api.get(f"/api/v1/agents/{agent_id}")
-    if json_output:
-        render.print_json(agent)
-    else:
-        render.console().print(render.agent_detail(agent))
+    render.answer(agent, render.agent_detail(agent), json_output=json_output)
 
 
 @cli.command("delete")
@@ -100,7 +94,4 @@ def delete(
                 render.error("not deleted")
                 raise typer.Exit(EXIT_API_ERROR)
         answer = api.delete(f"/api/v1/agents/{agent_id}")
-    if json_output:
-        render.print_json(answer)
-    else:
-        render.console().print(f"agent {render.clean(agent_id)} deleted")
+    render.answer(answer, f"agent {render.clean(agent_id)} deleted", json_output=json_output)

@@ -48,9 +48,6 @@ def list_events(
     params = {key: value for key, value in params.items() if value is not None}
     with operator_api(server, ca, admin_token, admin_token_file) as api:
         events, more = api.fetch_list("/api/v1/audit", params, all_pages=all_pages)
-    if json_output:
-        render.print_json(events)
-    else:
-        render.console().print(render.audit_table(events))
+    render.answer(events, render.audit_table(events), json_output=json_output)
     if more:
         render.console(stderr=True).print("more events follow: add --all to list them all")

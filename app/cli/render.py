@@ -61,6 +61,14 @@ def print_json(document: Any) -> None:
     typer.echo(json.dumps(document, indent=2))
 
 
+def answer(document: Any, view: RenderableType, *, json_output: bool) -> None:
+    """The raw JSON for scripts, else the rich view of it."""
+    if json_output:
+        print_json(document)
+    else:
+        console().print(view)
+
+
 def error(message: str) -> None:
     console(stderr=True).print(Text(f"error: {clean(message)}", style="red"))
 

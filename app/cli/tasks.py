@@ -176,10 +176,7 @@ def dispatch(
 def _finish(document: dict[str, Any], *, json_output: bool) -> None:
     """Show the followed tasks' outcome; exit 3 unless every one succeeded."""
     views: list[dict[str, Any]] = document["tasks"]
-    if json_output:
-        render.print_json(document)
-    else:
-        render.console().print(render.tasks_table(views))
+    render.answer(document, render.tasks_table(views), json_output=json_output)
     unsuccessful = [view for view in views if view["status"] != "succeeded"]
     for view in unsuccessful:
         render.error(f"task {view['taskId']} ended {view['status']}: {view.get('error') or ''}")
@@ -201,10 +198,7 @@ def show(
     """Show a task: status, times, progress, result and logs (never its credentials)."""
     with operator_api(server, ca, admin_token, admin_token_file) as api:
         task = api.get(f"/api/v1/tasks/{task_id}")
-    if json_output:
-        render.print_json(task)
-    else:
-        render.console().print(render.task_detail(task))
+    render.answer(task, render.task_detail(task), json_output=json_output)
 
 
 @cli.command("cancel")
@@ -219,7 +213,6 @@ def cancel(
     """Cancel an unfinished task; its agent is told to stop it."""
     with operator_api(server, ca, admin_token, admin_token_file) as api:
         answer = api.post(f"/api/v1/tasks/{task_id}/cancel")
-    if json_output:
-        render.print_json(answer)
-    else:
-        render.console().print(render.text(f"task {answer['taskId']} {answer['status']}"))
+    render.answer(
+        answer, render.text(f"task {answer['taskId']} {answer['status']}"), json_output=json_output
+    )
