@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # handshake costs the server far more than a heartbeat does.
     keep_alive_timeout: int = Field(75, ge=1)
     task_default_timeout: int = Field(300, ge=1)
+    # A non-idempotent task whose agent is marked offline becomes `unknown`
+    # (not failed, not timed out) until the agent reports what happened.
+    outcome_unknown: bool = False
 
     # Fan-out: agents per committed batch, and an optional pause between
     # batches so that a dispatch to a large fleet does not hit every agent

@@ -17,7 +17,9 @@ from rich.text import Text
 from app.cli import render
 from app.cli.client import OperatorClient
 
-FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+# Where following stops: the final states, and `unknown` (its agent was lost;
+# the real outcome comes when the agent returns, which may take days).
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out", "unknown"})
 
 
 @dataclass

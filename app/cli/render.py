@@ -31,6 +31,7 @@ STATUS_STYLES = {
     "offline": "red",
     "failed": "red",
     "timed_out": "red",
+    "unknown": "yellow",
     "cancelled": "magenta",
 }
 

@@ -36,6 +36,7 @@ class Task(SQLModel, table=True):
     timeout: int = 300
     priority: int = 0
     # pending | assigned | running | succeeded | failed | cancelled | timed_out
+    # | unknown (agent lost mid-task; app/tasks/lost_work.py)
     status: str = Field(default="pending", max_length=16)
     created_at: dt.datetime = Field(
         default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False)

@@ -22,6 +22,7 @@ from app.models import Agent, Dispatch, RegistrationToken, SweepMark, Task
 from app.models.types import utcnow
 from app.notify import AgentEvent, Notifier
 from app.settings import Settings
+from app.tasks import lost_work
 from app.tasks import service as tasks_service
 from app.tasks.schemas import RUNNING_STATUSES
 from pki import CertificateAuthority, load_public_key_pem
@@ -58,6 +59,7 @@ def mark_offline(
         execution_options={"synchronize_session": False},
     )
     marked = [row[0] for row in rows]
+    lost_work.mark_unknown(session=session, settings=settings, marked=marked)
     if notifier is not None and marked:
         events = [AgentEvent("agent_offline", agent_id=agent_id) for agent_id in marked]
         after_commit(session, lambda: notifier.publish_fleet(events))

@@ -14,12 +14,15 @@ TaskType = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ]
 TaskStatus = Literal[
-    "pending", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out"
+    "pending", "assigned", "running", "succeeded", "failed", "cancelled", "timed_out", "unknown"
 ]
 OPEN_STATUSES: tuple[str, ...] = ("pending", "assigned", "running")
 # Delivered and not finished: what a timeout, progress or completion applies to.
 RUNNING_STATUSES: tuple[str, ...] = ("assigned", "running")
 FINAL_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled", "timed_out")
+# Its agent was lost mid-way (STELLA_OUTCOME_UNKNOWN): neither open nor final,
+# until the agent reports what happened (app/tasks/lost_work.py).
+UNKNOWN_STATUS = "unknown"
 MAX_TIMEOUT = 7 * 24 * 3600
 
 

@@ -34,6 +34,7 @@ from app.tasks.schemas import (
     FINAL_STATUSES,
     OPEN_STATUSES,
     RUNNING_STATUSES,
+    UNKNOWN_STATUS,
     LogLine,
     TaskComplete,
     TaskCreate,
@@ -215,12 +216,17 @@ def open_tasks_for_agent(
     """Claim what is pending, then list every unfinished task of the agent.
 
     A restarted agent learns here what it held before; an agent that only
-    polls gets everything it needs to run its tasks.
+    polls gets everything it needs to run its tasks. Tasks of `unknown`
+    outcome are listed too (never started by an agent: their status says so),
+    so that an agent back from a partition keeps running what it holds.
     """
     claim_pending(session=session, agent_id=agent_id)
     tasks = session.scalars(
         select(Task)
-        .where(col(Task.agent_id) == agent_id, col(Task.status).in_(OPEN_STATUSES))
+        .where(
+            col(Task.agent_id) == agent_id,
+            col(Task.status).in_((*OPEN_STATUSES, UNKNOWN_STATUS)),
+        )
         .order_by(col(Task.priority).desc(), col(Task.created_at))
     ).all()
     return [
@@ -243,6 +249,7 @@ def complete(
 
     404 for a task that is not this agent's, 409 when the task already ended
     otherwise (another outcome, cancelled, timed out) or was never delivered.
+    A task of `unknown` outcome takes its agent's report once, as the real one.
     """
     outcome = "succeeded" if report.success else "failed"
     now = utcnow()
@@ -251,7 +258,7 @@ def complete(
         .where(
             col(Task.id) == task_id,
             col(Task.agent_id) == agent_id,
-            col(Task.status).in_(RUNNING_STATUSES),
+            col(Task.status).in_((*RUNNING_STATUSES, UNKNOWN_STATUS)),
         )
         .values(
             status=outcome,
@@ -465,7 +472,7 @@ def list_summaries(
     if agent_id is not None:
         query = query.where(col(Task.agent_id) == agent_id)
     if status is not None:
-        if status not in OPEN_STATUSES + FINAL_STATUSES:
+        if status not in (*OPEN_STATUSES, *FINAL_STATUSES, UNKNOWN_STATUS):
             raise InvalidInput(f"unknown task status {status!r}")
         query = query.where(col(Task.status) == status)
     if cursor is not None:
