@@ -29,6 +29,7 @@ from app.runtime import Runtime, build_runtime
 from app.settings import Settings, get_settings
 from app.stream.hub import Hub, LocalHub, RedisHub
 from app.stream.router import router as stream_router
+from app.sweeps.router import router as sweeps_router
 from app.tasks.router import agent_router as agent_tasks_router
 from app.tasks.router import operator_router as tasks_router
 from app.tokens.router import router as tokens_router
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         tasks_router,
         dispatch_router,
         audit_router,
+        sweeps_router,
         stream_router,
         metrics_router,
     ):

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     agent_log_level: Literal["debug", "info", "warning", "error"] = "info"
     offline_after_missed: int = Field(3, ge=1)
     sweep_interval: int | None = Field(None, ge=1)
+    # Mass-offline guard: a sweep that would mark more than this percentage
+    # of the live agents offline marks none and holds for the grace (0: off).
+    offline_guard_percent: float = Field(0.0, ge=0, le=100)
+    # Seconds the guard holds once engaged, after a mass silence or an outage
+    # of the control plane (unset: the offline window).
+    offline_guard_grace: int | None = Field(None, ge=1)
     # Heartbeats are written behind, one statement per web process per this
     # many seconds: the most a crashed web process can lose (0: write each
     # heartbeat in its own transaction).

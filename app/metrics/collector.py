@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Iterator
 from typing import get_args
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlmodel import col
@@ -21,12 +21,16 @@ from app.db import transaction
 from app.models import Agent, Task
 from app.models.types import utcnow
 from app.settings import Settings
+from app.sweeps import guard
 from app.tasks.schemas import TaskStatus
 
 AGENTS = "stella_agents"
 TASKS = "stella_tasks"
 CERTIFICATES_EXPIRING = "stella_certificates_expiring"
-FAMILIES = (AGENTS, TASKS, CERTIFICATES_EXPIRING)
+GUARD_ENGAGED = "stella_offline_guard_engaged"
+GUARD_HELD = "stella_offline_guard_agents_held"
+GUARD_ENGAGEMENTS = "stella_offline_guard_engagements_total"
+FAMILIES = (AGENTS, TASKS, CERTIFICATES_EXPIRING, GUARD_ENGAGED, GUARD_HELD, GUARD_ENGAGEMENTS)
 
 
 class DatabaseCollector(Collector):
@@ -52,6 +56,7 @@ class DatabaseCollector(Collector):
             expiring = session.execute(
                 select(func.count()).where(col(Agent.cert_not_after) <= utcnow() + window)
             ).scalar_one()
+            offline_guard = guard.state(session=session, settings=self._settings, now=utcnow())
         yield _by_label(AGENTS, "Registered agents, by status.", "status", agents)
         yield _by_label(TASKS, "Tasks, by state.", "status", tasks)
         yield GaugeMetricFamily(
@@ -59,6 +64,31 @@ class DatabaseCollector(Collector):
             "Agent certificates within STELLA_CERT_RENEWAL_WINDOW of expiry (renewals behind).",
             value=expiring,
         )
+        yield from _guard_families(offline_guard)
+
+
+def _guard_families(state: guard.GuardState) -> Iterator[Metric]:
+    """The mass-offline guard: engaged (by reason), agents it holds, times it engaged."""
+    engaged = GaugeMetricFamily(
+        GUARD_ENGAGED,
+        "1 while the mass-offline guard holds the offline sweep, by reason (outage, percent).",
+        labels=["reason"],
+    )
+    engagements = CounterMetricFamily(
+        GUARD_ENGAGEMENTS,
+        "Times the mass-offline guard engaged, by reason (kept in the database).",
+        labels=["reason"],
+    )
+    for reason in guard.REASONS:
+        engaged.add_metric([reason], 1 if state.reason == reason else 0)
+        engagements.add_metric([reason], state.engagements[reason])
+    yield engaged
+    yield GaugeMetricFamily(
+        GUARD_HELD,
+        "Live agents silent past the offline window that the engaged guard keeps online.",
+        value=state.agents_held,
+    )
+    yield engagements
 
 
 def _by_label(name: str, documentation: str, label: str, counts: dict[str, int]) -> Metric:

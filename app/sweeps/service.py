@@ -16,12 +16,13 @@ from sqlalchemy import delete, or_, select, update
 from sqlmodel import Session, col
 
 from app.certs import service as certs_service
-from app.db import after_commit, insert_ignoring_conflicts
+from app.db import after_commit
 from app.jobs import EXPAND_DISPATCH, JobQueue
-from app.models import Agent, Dispatch, RegistrationToken, SweepMark, Task
+from app.models import Agent, Dispatch, RegistrationToken, Task
 from app.models.types import utcnow
 from app.notify import AgentEvent, Notifier
 from app.settings import Settings
+from app.sweeps import guard
 from app.tasks import lost_work
 from app.tasks import service as tasks_service
 from app.tasks.schemas import RUNNING_STATUSES
@@ -29,8 +30,8 @@ from pki import CertificateAuthority, load_public_key_pem
 
 log = logging.getLogger(__name__)
 
-LIVE_STATUSES = ("online", "degraded")
-OUTAGE_MARK = "control-plane"  # the sweeps that judge by silence share one mark
+LIVE_STATUSES = guard.LIVE_STATUSES
+OUTAGE_MARK = guard.MARK  # the sweeps that judge by silence share one mark
 RENEWAL_BATCH = 500
 
 
@@ -44,13 +45,17 @@ def mark_offline(
     """Agents silent for STELLA_OFFLINE_AFTER_MISSED intervals become offline.
 
     One statement over the (status, last_heartbeat) index: its cost follows
-    the number of stale agents, not the size of the fleet. Held after an
-    outage of the control plane (`_held_after_outage`).
+    the number of stale agents, not the size of the fleet. Held while the
+    mass-offline guard is engaged (`app.sweeps.guard`): after an outage of
+    the control plane, or when too many agents fell silent at once.
     """
     now = now or utcnow()
-    if held_after_outage(session=session, settings=settings, now=now):
-        return []
+    mark = guard.lock(session=session, settings=settings, now=now)
     window = offline_window(settings)
+    if guard.holds(mark, now) or guard.trips(
+        session=session, settings=settings, mark=mark, cutoff=now - window, now=now
+    ):
+        return []
     rows = session.execute(
         update(Agent)
         .where(col(Agent.status).in_(LIVE_STATUSES), col(Agent.last_heartbeat) < now - window)
@@ -59,6 +64,7 @@ def mark_offline(
         execution_options={"synchronize_session": False},
     )
     marked = [row[0] for row in rows]
+    guard.release(mark, marked=len(marked), now=now)
     lost_work.mark_unknown(session=session, settings=settings, marked=marked)
     if notifier is not None and marked:
         events = [AgentEvent("agent_offline", agent_id=agent_id) for agent_id in marked]
@@ -67,7 +73,7 @@ def mark_offline(
 
 
 def offline_window(settings: Settings) -> dt.timedelta:
-    return dt.timedelta(seconds=settings.heartbeat_interval * settings.offline_after_missed)
+    return guard.offline_window(settings)
 
 
 def held_after_outage(*, session: Session, settings: Settings, now: dt.datetime) -> bool:
@@ -80,26 +86,10 @@ def held_after_outage(*, session: Session, settings: Settings, now: dt.datetime)
     grace are marked offline, and only tasks whose agent could report again
     are timed out. Both sweeps keep the one mark, so whichever runs first
     after the outage notices it; its row lock orders overlapping runs.
+    (The outage is one reason of the mass-offline guard: `app.sweeps.guard`.)
     """
-    window = offline_window(settings)
-    insert_ignoring_conflicts(
-        session, SweepMark, [{"name": OUTAGE_MARK, "last_run_at": now}],
-        conflict_columns=("name",), returning=("name",),
-    )  # fmt: skip
-    mark = session.execute(
-        select(SweepMark).where(col(SweepMark.name) == OUTAGE_MARK).with_for_update()
-    ).scalar_one()
-    outage = max(window, dt.timedelta(seconds=2 * settings.resolved_sweep_interval))
-    if now - mark.last_run_at > outage:
-        mark.held_until = now + window
-        log.warning(
-            "no sweep for %d s: the control plane was down; "
-            "no agent is marked offline and no task timed out before %s",
-            (now - mark.last_run_at).total_seconds(),
-            mark.held_until.isoformat(),
-        )
-    mark.last_run_at = max(mark.last_run_at, now)
-    return mark.held_until is not None and now < mark.held_until
+    mark = guard.lock(session=session, settings=settings, now=now)
+    return guard.holds(mark, now, guard.OUTAGE)
 
 
 @dataclass(frozen=True)
