@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import recovery
 from agent.client import (
     AgentClient,
     AgentError,
@@ -287,6 +288,7 @@ class Runner:
 
     async def _heartbeat_loop(self) -> None:
         while not self.closed.is_set():
+            await recovery.renew_if_lapsed(self)  # a certificate that lapsed while we ran
             body: dict[str, Any] = {
                 "status": "healthy",
                 "resourceUsage": self.probe.sample(),
@@ -546,6 +548,8 @@ async def run_agent(options: Options) -> int:
     state = StateDir(options.state_dir)
     try:
         identity = await bootstrap(options, state)
+        # Expired while the agent was away: re-certified by proof of possession.
+        identity = await recovery.ensure_certificate(options, state, identity)
     except (AgentError, OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2

@@ -20,11 +20,13 @@ from app.audit.router import router as audit_router
 from app.certs.router import router as certs_router
 from app.dispatch.router import router as dispatch_router
 from app.errors import install_error_handlers
+from app.forecast.router import router as forecast_router
 from app.health.router import router as health_router
 from app.metrics.exposition import registry_for
 from app.metrics.middleware import RequestMetricsMiddleware
 from app.metrics.router import router as metrics_router
 from app.notify import AgentEvent, LocalNotifier
+from app.recovery.router import router as recovery_router
 from app.runtime import Runtime, build_runtime
 from app.settings import Settings, get_settings
 from app.stream.hub import Hub, LocalHub, RedisHub
@@ -92,6 +94,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         tasks_router,
         dispatch_router,
         audit_router,
+        recovery_router,
+        forecast_router,
         sweeps_router,
         stream_router,
         metrics_router,

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
 
     cert_ttl: int = Field(86400, ge=60)
     cert_renewal_window: int = Field(3600, ge=0)
+    # Renew once this fraction of a certificate's lifetime has passed, give or
+    # take a per-agent jitter (unset: within STELLA_CERT_RENEWAL_WINDOW of expiry).
+    cert_renew_at: float | None = Field(None, gt=0, lt=1)
+    # Seconds after its certificate expired during which an agent may still be
+    # re-certified by proving possession of its key (0: off, locked out at expiry).
+    cert_grace: int = Field(0, ge=0)
     registration_token_ttl: int = Field(86400, ge=60, le=86400)
     # Failed registrations (bad, used or expired token) one source address may
     # make per window of this many seconds; past them it is answered 429.

@@ -56,6 +56,7 @@ TABLES = (
     "registration_tokens",
     "sweep_marks",
     "audit_events",
+    "recovery_challenges",
 )
 
 

@@ -43,6 +43,7 @@ from app.agents.schemas import CertificateRenewal, Heartbeat, HeartbeatAnswer
 from app.auth.cache import Registration
 from app.auth.service import registered_agent
 from app.certs import service as certs_service
+from app.certs.renew_at import renewal_due
 from app.db import transaction
 from app.errors import Forbidden, Unauthorized
 from app.metrics.instruments import HEARTBEATS_RECEIVED, observe_deliveries
@@ -188,8 +189,7 @@ class HeartbeatService:
         return True
 
     def _renewal_due(self, identity: ClientIdentity, now: dt.datetime) -> bool:
-        window = dt.timedelta(seconds=self.settings.cert_renewal_window)
-        return identity.not_after - now <= window
+        return renewal_due(self.settings, identity.agent_id, identity.not_after, now)
 
     async def _full(
         self, beat: Beat, identity: ClientIdentity, *, renew: bool

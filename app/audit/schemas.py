@@ -13,6 +13,7 @@ AuditAction = Literal[
     "agent.deleted",
     "auth.refused",
     "cert.issued",
+    "cert.recovered",
     "cert.renewed",
     "token.created",
 ]

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session
 
 from app.audit import service as audit_service
+from app.certs.renew_at import renewal_threshold
 from app.db import after_commit
 from app.metrics.instruments import CERTIFICATES_RENEWED
 from app.models import Agent
@@ -47,7 +48,10 @@ def renewal_for(
     agent: Agent,
     presented_not_after: dt.datetime,
 ) -> IssuedCertificate | None:
-    """The certificate to hand an agent whose presented one expires soon, else None.
+    """The certificate to hand an agent whose presented one is due for renewal, else None.
+
+    Due: within STELLA_CERT_RENEWAL_WINDOW of expiry, or past the agent's
+    share of its lifetime under STELLA_CERT_RENEW_AT (`app.certs.renew_at`).
 
     The decision follows the certificate the agent actually presented, not
     the newest one we stored: if a renewal answer was lost, the agent asks
@@ -56,7 +60,7 @@ def renewal_for(
     signing here is the fallback.
     """
     now = utcnow()
-    window = dt.timedelta(seconds=settings.cert_renewal_window)
+    window = renewal_threshold(settings, agent.id)
     if presented_not_after - now > window:
         return None
     # Re-read what is stored now: a concurrent heartbeat (or the sweep) may have

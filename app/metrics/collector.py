@@ -18,6 +18,7 @@ from sqlmodel import col
 
 from app.agents.schemas import AgentStatus
 from app.db import transaction
+from app.forecast import service as forecast_service
 from app.models import Agent, Task
 from app.models.types import utcnow
 from app.settings import Settings
@@ -30,7 +31,16 @@ CERTIFICATES_EXPIRING = "stella_certificates_expiring"
 GUARD_ENGAGED = "stella_offline_guard_engaged"
 GUARD_HELD = "stella_offline_guard_agents_held"
 GUARD_ENGAGEMENTS = "stella_offline_guard_engagements_total"
-FAMILIES = (AGENTS, TASKS, CERTIFICATES_EXPIRING, GUARD_ENGAGED, GUARD_HELD, GUARD_ENGAGEMENTS)
+LOCKOUT_FORECAST = "stella_certificates_lockout_forecast"
+FAMILIES = (
+    AGENTS,
+    TASKS,
+    CERTIFICATES_EXPIRING,
+    GUARD_ENGAGED,
+    GUARD_HELD,
+    GUARD_ENGAGEMENTS,
+    LOCKOUT_FORECAST,
+)
 
 
 class DatabaseCollector(Collector):
@@ -56,6 +66,9 @@ class DatabaseCollector(Collector):
             expiring = session.execute(
                 select(func.count()).where(col(Agent.cert_not_after) <= utcnow() + window)
             ).scalar_one()
+            at_risk = forecast_service.at_risk_counts(
+                session, self._settings, forecast_service.METRIC_HORIZONS
+            )
             offline_guard = guard.state(session=session, settings=self._settings, now=utcnow())
         yield _by_label(AGENTS, "Registered agents, by status.", "status", agents)
         yield _by_label(TASKS, "Tasks, by state.", "status", tasks)
@@ -63,6 +76,13 @@ class DatabaseCollector(Collector):
             CERTIFICATES_EXPIRING,
             "Agent certificates within STELLA_CERT_RENEWAL_WINDOW of expiry (renewals behind).",
             value=expiring,
+        )
+        yield _by_label(
+            LOCKOUT_FORECAST,
+            "Agents whose certificates expire within the horizon with no renewal in sight "
+            "(offline, silent, or expiring before their next heartbeat).",
+            "within",
+            {f"{hours}h": count for hours, count in at_risk.items()},
         )
         yield from _guard_families(offline_guard)
 

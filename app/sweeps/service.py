@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, or_, select, update
 from sqlmodel import Session, col
 
+from app.certs import renew_at
 from app.certs import service as certs_service
 from app.db import after_commit
 from app.jobs import EXPAND_DISPATCH, JobQueue
@@ -155,15 +156,27 @@ def issue_renewals(
     A heartbeat inside the window then hands out the stored certificate
     instead of signing on the hot path. The UPDATE is guarded by the serial
     it replaces, so two overlapping runs issue one renewal per agent.
+    Under STELLA_CERT_RENEW_AT each agent's own (jittered) renewal point
+    counts, as on its heartbeat: read up to the earliest any agent may be
+    due, then keep those actually due.
     """
     now = now or utcnow()
-    lead = dt.timedelta(seconds=settings.cert_renewal_window + 2 * settings.resolved_sweep_interval)
-    due = session.execute(
-        select(col(Agent.id), col(Agent.public_key_pem), col(Agent.cert_serial))
+    ahead = dt.timedelta(seconds=2 * settings.resolved_sweep_interval)
+    lead = renew_at.largest_threshold(settings) + ahead
+    candidates = session.execute(
+        select(
+            col(Agent.id), col(Agent.public_key_pem), col(Agent.cert_serial),
+            col(Agent.cert_not_after),
+        )
         .where(col(Agent.status).in_(LIVE_STATUSES), col(Agent.cert_not_after) < now + lead)
         .order_by(col(Agent.cert_not_after))
         .limit(limit)
-    ).all()
+    ).all()  # fmt: skip
+    due = [
+        (agent_id, public_key_pem, serial)
+        for agent_id, public_key_pem, serial, not_after in candidates
+        if renew_at.renewal_due(settings, agent_id, not_after, now + ahead)
+    ]
     renewed = 0
     for agent_id, public_key_pem, serial in due:
         issued = certs_service.issue(

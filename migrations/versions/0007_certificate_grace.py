@@ -7,6 +7,12 @@ Create Date: 2026-11-30 06:10:00
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+import sqlmodel  # noqa: F401  (autogenerate writes sqlmodel.sql.sqltypes.AutoString)
+from alembic import op
+
+import app.models.types  # noqa: F401  (UTCDateTime)
+
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
@@ -14,8 +20,22 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    pass
+    op.create_table(
+        "recovery_challenges",
+        sa.Column("agent_id", sa.Uuid(), nullable=False),
+        sa.Column("challenge", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("created_at", app.models.types.UTCDateTime(), nullable=False),
+        sa.Column("expires_at", app.models.types.UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("agent_id"),
+    )
+    with op.batch_alter_table("recovery_challenges", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_recovery_challenges_expires_at"), ["expires_at"], unique=False
+        )
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("recovery_challenges", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_recovery_challenges_expires_at"))
+
+    op.drop_table("recovery_challenges")

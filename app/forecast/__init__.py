@@ -1,0 +1,1 @@
+"""The lockout forecast: agents whose certificates lapse within N hours with no renewal in sight."""
