@@ -45,6 +45,7 @@ from agent.client import (
 )
 from agent.executors import Executors
 from agent.executors.base import Outcome, Task
+from agent.lost_tasks import never_started, settle_interrupted
 from agent.resources import ResourceProbe
 from agent.state import Identity, StateDir
 
@@ -414,6 +415,9 @@ class Runner:
             return
         if task.task_id in self.running or task.task_id in self.unreported:
             return
+        if data.get("status") == "unknown":  # lost, and no record of it here: never started
+            self.unreported[task.task_id] = never_started()
+            return
         if self.stopping.is_set():
             return  # stays assigned: the next start picks it up
         log.info("task %s (%s) started", task.task_id, task.task_type)
@@ -553,6 +557,7 @@ async def run_agent(options: Options) -> int:
     except (AgentError, OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
+    await settle_interrupted(state)  # before any task is taken: agent/lost_tasks.py
     client = AgentClient(server=options.server, identity=identity, state=state)
     runner = Runner(
         options=options,

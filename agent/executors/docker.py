@@ -8,12 +8,14 @@ docker.run payload: the same image fields, plus optional `name`, `command`
 (list of strings), `env` (object; passed through a 0600 env file, not argv),
 `ports` (list, as `-p` takes them), `pull` (`always`, `missing`, `never`) and
 `detach` (default true). Result: `containerId`, and `exitCode` when not
-detached.
+detached. Each container is labelled `stella.task=<task id>`, so that an
+agent restarted mid-run can find what its run left (`find_run`).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ PORT_RE = re.compile(
 )
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PULL_POLICIES = ("always", "missing", "never")
+TASK_LABEL, DETACH_LABEL = "stella.task", "stella.detach"
+EXITED_RE = re.compile(r"^Exited \((-?[0-9]+)\)")
 
 
 class DockerPull(Executor):
@@ -73,6 +77,8 @@ class DockerRun(Executor):
             await login(session, task, report)
             cidfile = Path(scratch) / "container.id"
             argv = [session.docker, "run", "--cidfile", str(cidfile)]
+            argv += ["--label", f"{TASK_LABEL}={task.task_id}"]
+            argv += ["--label", f"{DETACH_LABEL}={str(detach).lower()}"]
             if detach:
                 argv.append("--detach")
             if name is not None:
@@ -104,6 +110,59 @@ class DockerRun(Executor):
             )
         await report.progress(100, "container started" if detach else "container finished")
         return Outcome.ok(result)
+
+
+async def find_run(task_id: str) -> Outcome | None:
+    """What a `docker.run` interrupted by an agent restart did, judged by its container.
+
+    None when docker cannot tell (no CLI, an error); see `_judge`.
+    """
+    docker = shutil.which("docker")
+    if docker is None:
+        return None
+    form = f'{{{{.ID}}}}\t{{{{.State}}}}\t{{{{.Status}}}}\t{{{{.Label "{DETACH_LABEL}"}}}}'
+    listed = await run_process(
+        [docker, "ps", "--all", "--no-trunc", "--filter", f"label={TASK_LABEL}={task_id}",
+         "--format", form],
+        _Quiet(),
+    )  # fmt: skip
+    if listed.returncode != 0:
+        return None
+    rows = [line.split("\t") for line in listed.output if line.strip()]
+    if not rows:
+        return Outcome.failed(
+            "interrupted: the agent stopped while this task ran, before docker created its "
+            "container (none is labelled with this task); it was not re-run"
+        )
+    container_id, state, status, detached = (rows[0] + ["", "", ""])[:4]
+    return _judge(container_id, state, status, detached=detached == "true")
+
+
+def _judge(container_id: str, state: str, status: str, *, detached: bool) -> Outcome:
+    """The outcome the run would have reported, from its container as docker shows it.
+
+    A detached run succeeded once its container started (as `docker run
+    --detach` says so then), whatever the container did since; a foreground
+    run ends with its container's exit code, and one still running has nobody
+    waiting for that code. A container created and never started failed.
+    """
+    result: dict[str, Any] = {"containerId": container_id}
+    started = state in ("running", "paused", "restarting", "exited")
+    if detached and started:
+        return Outcome.ok(result)
+    exited = EXITED_RE.match(status)
+    if not detached and state == "exited" and exited is not None:
+        result["exitCode"] = int(exited.group(1))
+        if result["exitCode"] == 0:
+            return Outcome.ok(result)
+        return Outcome.failed(
+            f"container {container_id} exited with code {result['exitCode']}", result
+        )
+    return Outcome.failed(
+        f"interrupted: the agent stopped while this task ran; its container {container_id} "
+        f"is {state or 'in an unknown state'} ({status}), unattended; it was not re-run",
+        result,
+    )
 
 
 def _run_options(

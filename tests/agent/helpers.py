@@ -7,6 +7,9 @@ few plausible lines. Environment knobs, read by the fake at each call:
 - FAKE_DOCKER_SLEEP: seconds `pull` and `run` sleep (writing their pid first);
 - FAKE_DOCKER_FAIL: a subcommand that exits 1 with an error on stderr.
 
+`run` keeps the container it "creates" (id and labels) before it sleeps, as
+the daemon does; `ps --filter label=K=V --format F` lists them, running.
+
 `AgentRunner` starts and restarts `stella agent run` against a server.
 """
 
@@ -40,6 +43,11 @@ command = argv[0] if argv else ""
 if os.environ.get("FAKE_DOCKER_FAIL") == command:
     print(f"Error response from daemon: {{command}} failed", file=sys.stderr)
     sys.exit(1)
+containers = os.path.join(os.path.dirname(record), "docker-containers.jsonl")
+if command == "run":
+    labels = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--label"]
+    with open(containers, "a") as out:
+        out.write(json.dumps({{"id": "c0ffee" * 4, "labels": labels}}) + "\\n")
 sleep = float(os.environ.get("FAKE_DOCKER_SLEEP") or 0)
 if command in ("pull", "run") and sleep:
     with open(pids, "a") as out:
@@ -59,6 +67,18 @@ elif command == "run":
         with open(argv[argv.index("--cidfile") + 1], "w") as out:
             out.write("c0ffee" * 4)
     print("c0ffee" * 4)
+elif command == "ps":
+    wanted = argv[argv.index("--filter") + 1].removeprefix("label=")
+    form = argv[argv.index("--format") + 1]
+    known = open(containers).read().splitlines() if os.path.exists(containers) else []
+    for row in map(json.loads, known):
+        if wanted in row["labels"]:
+            detach = dict(label.split("=", 1) for label in row["labels"]).get("stella.detach")
+            for field, value in (("{{{{.ID}}}}", row["id"]), ("{{{{.State}}}}", "running"),
+                                 ("{{{{.Status}}}}", "Up 2 seconds"),
+                                 ('{{{{.Label "stella.detach"}}}}', detach or "")):
+                form = form.replace(field, value)
+            print(form)
 elif command == "compose":
     print("Container web-1  Started", file=sys.stderr)
 """
