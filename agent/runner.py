@@ -47,6 +47,7 @@ from agent.executors import Executors
 from agent.executors.base import Outcome, Task
 from agent.lost_tasks import never_started, settle_interrupted
 from agent.resources import ResourceProbe
+from agent.signatures import LogDigest, TaskSignatures
 from agent.state import Identity, StateDir
 
 log = logging.getLogger("stella.agent")
@@ -119,6 +120,7 @@ class TaskReporter:
         self.secrets = task.secrets()
         self.lines: list[_Line] = []
         self.dropped = 0
+        self.log_digest = LogDigest()  # every line, for the signed receipt
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -136,6 +138,7 @@ class TaskReporter:
     async def log(self, level: str, message: str) -> None:
         line = _Line(timestamp=now_iso(), level=level[:16] or "info", message=self.redact(message))
         self.lines.append(line)
+        self.log_digest.add(line.wire())
         if len(self.lines) > MAX_LOG_LINES:
             del self.lines[0]
             self.dropped += 1
@@ -197,6 +200,7 @@ class Runner:
         self.fatal: str | None = None
         self.grace = options.shutdown_grace
         self._bucket = _Bucket(STREAM_RATE, STREAM_BURST)
+        self.signatures = TaskSignatures(state, identity.agent_id, client.task_signing_keys)
 
     # --- entry --------------------------------------------------------------------------
 
@@ -423,7 +427,7 @@ class Runner:
         log.info("task %s (%s) started", task.task_id, task.task_type)
         self.state.hold_task(task.task_id, task.task_type)
         self.running[task.task_id] = asyncio.create_task(
-            self._supervise(task), name=f"task-{task.task_id}"
+            self._supervise(task, data), name=f"task-{task.task_id}"
         )
 
     def cancel(self, task_id: str, why: str) -> None:
@@ -433,12 +437,19 @@ class Runner:
             self.cancel_reasons[task_id] = "server"
             running.cancel()
 
-    async def _supervise(self, task: Task) -> None:
+    async def _supervise(self, task: Task, wire: dict[str, Any]) -> None:
         reporter = TaskReporter(self, task)
+        started_at = now_iso()
         try:
             self.executing.add(task.task_id)
             try:
-                outcome = await self.executors.execute(task, reporter)
+                # Never run a task the server did not sign as it is (agent/signatures.py).
+                refused = await self.signatures.problem(wire)
+                outcome = (
+                    Outcome.failed(refused)
+                    if refused
+                    else await self.executors.execute(task, reporter)
+                )
             except asyncio.CancelledError:
                 if self.cancel_reasons.get(task.task_id) == "server":
                     self.state.release_task(task.task_id)
@@ -449,12 +460,20 @@ class Runner:
                 )
             finally:
                 self.executing.discard(task.task_id)
+            finished_at = now_iso()
             body: dict[str, Any] = {"success": outcome.success}
             if outcome.result is not None:
                 body["result"] = outcome.result
             if outcome.error is not None:
                 body["error"] = reporter.redact(outcome.error)[:MAX_ERROR]
             body["logs"] = await reporter.unconfirmed()
+            body["receipt"] = self.signatures.receipt(
+                task_id=task.task_id,
+                body=body,
+                logs=reporter.log_digest,
+                started_at=started_at,
+                finished_at=finished_at,
+            )
             log.info(
                 "task %s %s%s",
                 task.task_id,
@@ -540,6 +559,7 @@ async def bootstrap(options: Options, state: StateDir) -> Identity:
     )
     if registration.get("certificate", {}).get("key"):
         log.warning("the server sent a private key despite our CSR; it is not kept")
+    TaskSignatures.pin(state, registration.get("taskSigningKeys"))  # before agent.json commits
     identity = state.save_registration(
         server=options.server, name=options.name, registration=registration
     )

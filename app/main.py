@@ -29,6 +29,8 @@ from app.notify import AgentEvent, LocalNotifier
 from app.recovery.router import router as recovery_router
 from app.runtime import Runtime, build_runtime
 from app.settings import Settings, get_settings
+from app.signing.router import agent_router as signing_agent_router
+from app.signing.router import operator_router as receipts_router
 from app.stream.hub import Hub, LocalHub, RedisHub
 from app.stream.router import router as stream_router
 from app.sweeps.router import router as sweeps_router
@@ -92,6 +94,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         agents_router,
         agent_tasks_router,
         tasks_router,
+        signing_agent_router,
+        receipts_router,
         dispatch_router,
         audit_router,
         recovery_router,

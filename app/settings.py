@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # handshake costs the server far more than a heartbeat does.
     keep_alive_timeout: int = Field(75, ge=1)
     task_default_timeout: int = Field(300, ge=1)
+    # After `stella keys rotate-task-signing`, seconds the replaced task-signing
+    # keys stay published, so that tasks signed before the switch still verify.
+    task_signing_retire_after: int = Field(7 * 24 * 3600, ge=0)
     # A non-idempotent task whose agent is marked offline becomes `unknown`
     # (not failed, not timed out) until the agent reports what happened.
     outcome_unknown: bool = False

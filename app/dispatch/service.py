@@ -41,6 +41,7 @@ def submit(
             notifier=runtime.notifier,
             agent_id=spec.target.agent_id,
             spec=spec,
+            task_keys=runtime.task_keys,
         )
         return TasksCreated(
             tasks=[TaskRef(task_id=task.id, agent_id=task.agent_id, status=task.status)]
@@ -180,6 +181,7 @@ def _create_tasks(
             timeout=dispatch.timeout,
             priority=dispatch.priority,
             dispatch_id=dispatch.id,
+            task_keys=runtime.task_keys,
         )
         rows.append(
             {column: getattr(task, column) for column in Task.model_fields if column != "logs"}

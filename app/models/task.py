@@ -33,6 +33,9 @@ class Task(SQLModel, table=True):
     )
     # Encrypted JSON (AES-GCM); see app/tasks/credentials.py.
     credentials_encrypted: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    # The server's detached signature, made at creation: {"alg", "kid", "value"}
+    # (app/signing/tasks.py). Kept, not re-made, so that a row altered later fails.
+    signature: dict[str, str] | None = Field(default=None, sa_column=Column(JSONType))
     timeout: int = 300
     priority: int = 0
     # pending | assigned | running | succeeded | failed | cancelled | timed_out

@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from sqlalchemy import Integer, cast, func, literal, select
+from sqlalchemy import Integer, case, cast, func, literal, select
 from sqlmodel import Session, col
 
 from app.db import insert_ignoring_conflicts
@@ -93,11 +93,18 @@ def holds(mark: SweepMark, now: dt.datetime, reason: GuardReason | None = None) 
 def trips(
     *, session: Session, settings: Settings, mark: SweepMark, cutoff: dt.datetime, now: dt.datetime
 ) -> bool:
-    """Engage the guard if marking the agents silent since `cutoff` would be too many.
+    """Engage the guard if this sweep would start marking too many agents offline.
 
-    Not on the sweep that ends a grace: the agents still silent then have
-    had theirs. One statement over the (status, last_heartbeat) index: the
-    silent agents are counted, and the live ones only as far as it takes to
+    A fleet silenced at once has its last heartbeats spread over one
+    heartbeat interval, so the first sweep to see any of it past `cutoff`
+    (the offline window) sees only part of it. The share is therefore taken
+    of the agents falling silent: past `cutoff`, or within one heartbeat
+    interval of it (past all but one of their missed heartbeats). Judged
+    only when this sweep would mark someone, and not on the sweep that
+    ends a grace: the agents still silent then have had theirs.
+
+    One statement over the (status, last_heartbeat) index: the falling
+    silent are counted, and the live agents only as far as it takes to
     settle the question (a bound proportional to the silent), so its cost
     follows the silent agents, not the fleet.
     """
@@ -105,32 +112,46 @@ def trips(
     if not percent or mark.guard_reason is not None:
         return False
     live = col(Agent.status).in_(LIVE_STATUSES)
-    silent_count = (
-        select(func.count())
-        .select_from(Agent)
-        .where(live, col(Agent.last_heartbeat) < cutoff)
-        .cte("silent_agents")
+    falling = (
+        select(
+            func.count().label("falling"),
+            func.coalesce(
+                func.sum(case((col(Agent.last_heartbeat) < cutoff, 1), else_=0)), 0
+            ).label("due"),
+        )
+        .where(live, col(Agent.last_heartbeat) < cutoff + look_ahead(settings))
+        .cte("falling_silent")
     )
-    silent_n = silent_count.c[0]
-    # Enough live agents to keep `silent` within `percent`: counting past it changes nothing.
-    bound = select(cast(silent_n * (100.0 / percent), Integer) + 1).scalar_subquery()
+    # Enough live agents to keep the falling within `percent`: counting past it changes nothing.
+    bound = select(cast(falling.c.falling * (100.0 / percent), Integer) + 1).scalar_subquery()
     live_rows = select(literal(1)).select_from(Agent).where(live).limit(bound).subquery()
     live_n = select(func.count()).select_from(live_rows).scalar_subquery()
-    silent, counted = session.execute(select(silent_n, live_n).select_from(silent_count)).one()
-    if silent * 100 <= percent * counted:
+    silent, due, counted = session.execute(
+        select(falling.c.falling, falling.c.due, live_n).select_from(falling)
+    ).one()
+    if not due or silent * 100 <= percent * counted:
         return False
     _engage(mark, PERCENT, now=now, until=now + grace(settings), silent=silent)
     log.warning(
-        "offline guard engaged (percent): %d of %d live agents (%.1f %%) silent for over %d s, "
-        "more than STELLA_OFFLINE_GUARD_PERCENT=%g; none is marked offline before %s",
+        "offline guard engaged (percent): %d of %d live agents (%.1f %%) falling silent "
+        "(%d past the offline window of %d s), more than STELLA_OFFLINE_GUARD_PERCENT=%g; "
+        "none is marked offline before %s",
         silent,
         counted,
         100 * silent / counted,
+        due,
         (now - cutoff).total_seconds(),
         percent,
         _iso(mark.held_until),
     )
     return True
+
+
+def look_ahead(settings: Settings) -> dt.timedelta:
+    """How far short of the offline window an agent already counts as falling silent."""
+    if settings.offline_after_missed < 2:
+        return dt.timedelta(0)  # one missed heartbeat is the window itself
+    return dt.timedelta(seconds=settings.heartbeat_interval)
 
 
 def release(mark: SweepMark, *, marked: int, now: dt.datetime) -> None:

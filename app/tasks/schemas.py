@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, StringConstraints, model_validator
 
 from app.schemas import ApiModel, JsonObject, OmitNoneModel, OperatorRequest, Timestamp
+from app.signing.schemas import ReceiptIn
 
 TaskType = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -35,6 +36,9 @@ class TaskDelivery(OmitNoneModel):
     credentials: dict[str, Any] | None = None
     timeout: int
     priority: int
+    # The server's signature over taskId, agentId, taskType, payload and
+    # timeout: {"alg", "kid", "value"} (see app/signing/).
+    signature: dict[str, str] | None = None
     # When the task was created, for the dispatch-to-delivery metric; never sent.
     _created_at: dt.datetime | None = PrivateAttr(default=None)
 
@@ -148,6 +152,8 @@ class TaskComplete(ApiModel):
     result: JsonObject | None = None
     logs: Annotated[list[LogLine], Field(max_length=10_000)] = []
     error: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    # The agent's signed receipt (app/signing/receipts.py); optional, as for seed agents.
+    receipt: ReceiptIn | None = None
 
 
 class Acknowledged(ApiModel):

@@ -29,6 +29,7 @@ from app.models.types import utcnow
 from app.notify import AgentEvent, Notifier
 from app.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
 from app.settings import Settings
+from app.signing.tasks import sign_task
 from app.tasks.credentials import CredentialCipher
 from app.tasks.schemas import (
     FINAL_STATUSES,
@@ -43,6 +44,7 @@ from app.tasks.schemas import (
     TaskSummary,
     TaskView,
 )
+from pki.task_signing import TaskSigningKeyring
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ def create_for_agent(
     notifier: Notifier,
     agent_id: uuid.UUID,
     spec: TaskCreate,
+    task_keys: TaskSigningKeyring | None = None,
 ) -> Task:
     """A pending task for one agent; 404 when it is unknown, 503 when it is offline."""
     # FOR SHARE: a concurrent delete waits for this insert (and then cancels it).
@@ -79,6 +82,7 @@ def create_for_agent(
         credentials=spec.credentials,
         timeout=spec.timeout,
         priority=spec.priority,
+        task_keys=task_keys,
     )
     session.add(task)
     session.flush()
@@ -97,9 +101,23 @@ def new_task(
     timeout: int | None,
     priority: int,
     dispatch_id: uuid.UUID | None = None,
+    task_keys: TaskSigningKeyring | None = None,
 ) -> Task:
-    """A Task row, its credentials encrypted for that row alone."""
+    """A Task row, its credentials encrypted for that row alone, signed with `task_keys`."""
     task_id = uuid.uuid4()
+    timeout = timeout or settings.task_default_timeout
+    signature = (
+        sign_task(
+            task_keys,
+            task_id=task_id,
+            agent_id=agent_id,
+            task_type=task_type,
+            payload=payload,
+            timeout=timeout,
+        )
+        if task_keys is not None
+        else None
+    )
     return Task(
         id=task_id,
         agent_id=agent_id,
@@ -109,7 +127,8 @@ def new_task(
         credentials_encrypted=(
             cipher.encrypt(credentials, owner=task_id) if credentials is not None else None
         ),
-        timeout=timeout or settings.task_default_timeout,
+        timeout=timeout,
+        signature=signature,
         priority=priority,
     )
 
@@ -207,6 +226,7 @@ def deliver(task: Task, cipher: CredentialCipher) -> TaskDelivery:
         credentials=_credentials(task, cipher),
         timeout=task.timeout,
         priority=task.priority,
+        signature=task.signature,
     ).created_on(task.created_at)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlmodel import col
 
 from app.agents.heartbeat_writer import Beat, write_beats
@@ -79,6 +79,12 @@ class Fleet:
         }
 
 
+def truncate_mark(stack: Stack) -> None:
+    """Forget the guard (and when the sweeps last ran)."""
+    with transaction(stack.runtime.engine) as session:
+        session.execute(delete(SweepMark))
+
+
 def ids(agents: Iterable[Agent]) -> set[uuid.UUID]:
     return {agent.id for agent in agents}
 
@@ -128,6 +134,28 @@ class TestPercentTrigger:
         else:
             assert set(marked) == ids(quiet)
             assert state.engagements == {"outage": 0, "percent": 0}
+
+    def test_a_fleet_silenced_at_once_trips_it_on_the_first_sweep_that_sees_any_of_it(
+        self, stack: Stack
+    ) -> None:
+        """Last heartbeats spread over one interval: one agent is past the window,
+        the others are a heartbeat short of it; together they are the event."""
+        fleet = Fleet(stack, offline_guard_percent=PERCENT)
+        now = utcnow()
+        interval = dt.timedelta(seconds=fleet.settings.heartbeat_interval)
+        first = fleet.agents(1, last_heartbeat=now - fleet.window - dt.timedelta(seconds=1))
+        falling = fleet.agents(8, last_heartbeat=now - fleet.window + interval / 2)
+        heard = fleet.agents(1, last_heartbeat=now - interval / 2)
+
+        assert fleet.sweep(now) == []
+        state = fleet.state(now)
+        assert (state.reason, state.silent_when_engaged, state.agents_held) == ("percent", 9, 1)
+        assert fleet.offline() == set()
+
+        # Without the look-ahead's company, the one past the window is just one agent.
+        fleet.beat([*falling, *heard], now)
+        truncate_mark(stack)
+        assert fleet.sweep(now) == [first[0].id]
 
     def test_agents_heard_during_the_grace_stay_and_the_still_silent_are_marked_after_it(
         self, stack: Stack
