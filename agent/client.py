@@ -191,6 +191,15 @@ class AgentClient:
         tasks: list[dict[str, Any]] = answer.get("tasks", [])
         return tasks
 
+    async def task_signing_keys(self) -> list[dict[str, Any]] | None:
+        """The server's task-signing keys, over mTLS; None from a server that signs none."""
+        try:
+            answer = await self._call("GET", f"{self._agent_path}/task-signing-keys", "keys")
+        except TaskGone:  # 404: a server older than signed tasks
+            return None
+        keys: list[dict[str, Any]] = answer.get("keys", [])
+        return keys
+
     async def complete(self, task_id: str, body: dict[str, Any]) -> None:
         await self._call(
             "POST", f"{self._agent_path}/tasks/{task_id}/complete", f"complete {task_id}", body

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from celery import Celery
 
 from app import embedded_broker
+from app.logs.jobs import job_headers
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class CeleryJobQueue:
         self.celery = celery
 
     def enqueue(self, name: str, *args: str) -> None:
-        self.celery.send_task(name, args=list(args))
+        self.celery.send_task(name, args=list(args), headers=job_headers())
 
 
 def broker_url(settings: Settings) -> str:

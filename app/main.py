@@ -22,6 +22,7 @@ from app.dispatch.router import router as dispatch_router
 from app.errors import install_error_handlers
 from app.forecast.router import router as forecast_router
 from app.health.router import router as health_router
+from app.logs.middleware import RequestIdMiddleware
 from app.metrics.exposition import registry_for
 from app.metrics.middleware import RequestMetricsMiddleware
 from app.metrics.router import router as metrics_router
@@ -109,7 +110,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
 
 class StellaApp(FastAPI):
-    """FastAPI, with the heartbeat fast lane in front of its whole middleware stack.
+    """FastAPI, with the heartbeat fast lane in front of its whole middleware stack
+    (and the request id in front of that).
 
     Outermost, so that the steady heartbeat skips even the framework's own
     error and telemetry middleware; the lane hands anything it does not
@@ -122,9 +124,10 @@ class StellaApp(FastAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
-        return HeartbeatFastLane(
+        lane = HeartbeatFastLane(
             stack, heartbeats=self._heartbeats, settings=self._heartbeats.settings
         )
+        return RequestIdMiddleware(lane)
 
 
 def make_hub(runtime: Runtime) -> Hub:

@@ -19,6 +19,7 @@ from app.settings import Settings
 from app.tasks.credentials import CredentialCipher
 from app.tokens.guard import RegistrationGuard, make_guard
 from pki import CertificateAuthority, load_or_create_pki
+from pki.task_signing import TaskSigningKeyring, load_or_create_task_signing
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Runtime:
     ca: CertificateAuthority
     token_signer: AgentTokenSigner
     cipher: CredentialCipher
+    task_keys: TaskSigningKeyring
     jobs: JobQueue
     notifier: Notifier = field(default_factory=LocalNotifier)
     auth: AgentAuthCache = field(init=False)
@@ -48,6 +50,7 @@ def build_runtime(settings: Settings) -> Runtime:
     """Load the PKI (creating it on first start) and connect to the database."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ca = load_or_create_pki(settings.resolved_pki_dir)
+    task_keys = load_or_create_task_signing(settings.resolved_pki_dir)
     prepare_embedded_broker(settings, consumer=False)
     notifier: Notifier = (
         RedisNotifier(settings.redis_url, prefix=settings.broker_key_prefix)
@@ -60,6 +63,7 @@ def build_runtime(settings: Settings) -> Runtime:
         ca=ca,
         token_signer=AgentTokenSigner(ca.jwt_key),
         cipher=CredentialCipher(ca.credentials_key),
+        task_keys=task_keys,
         jobs=CeleryJobQueue(make_celery(settings)),
         notifier=notifier,
     )

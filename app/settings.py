@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     # GET /metrics without the admin token (a scraper on a trusted network).
     metrics_public: bool = False
 
+    # Log lines as JSON objects (for a collector) or as text (for a terminal).
+    log_format: Literal["json", "text"] = "json"
+
     @field_validator("server_names", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -149,6 +149,7 @@ class HeartbeatService:
         _FULL_RECEIVED.inc()
         if answer is not None:
             observe_deliveries("heartbeat", (task.created for task in answer.tasks))
+            tasks_service.log_delivered("heartbeat", agent_id, answer.tasks)
         return answer
 
     def receive_steady(

@@ -14,6 +14,7 @@ from app.schemas import (
     OperatorRequest,
     Timestamp,
 )
+from app.signing.schemas import PublishedKey
 from app.tasks.schemas import TaskDelivery
 
 AgentName = Annotated[
@@ -66,6 +67,8 @@ class AgentRegistered(ApiModel):
     token: str
     config: AgentConfig
     certificate: AgentCertificate
+    # The public keys that sign this agent's tasks, for it to pin (app/signing/).
+    task_signing_keys: list[PublishedKey] = []
 
 
 class ResourceUsage(ApiModel):

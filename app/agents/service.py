@@ -29,6 +29,7 @@ from app.models import Agent, Task
 from app.notify import AgentEvent
 from app.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
 from app.runtime import Runtime
+from app.signing.tasks import published_keys
 from app.tasks import service as tasks_service
 from app.tasks.schemas import OPEN_STATUSES
 from app.tokens import service as tokens_service
@@ -115,6 +116,7 @@ def register(
             ca=runtime.ca.cert_pem,
             expires_at=issued.not_after,
         ),
+        task_signing_keys=published_keys(runtime.task_keys),
     )
 
 

@@ -59,6 +59,8 @@ def dev(
     env = os.environ | {
         "STELLA_ADMIN_TOKEN": _admin_token(settings.data_dir),
         "STELLA_DATA_DIR": str(settings.data_dir),
+        # A terminal, not a log collector: text lines unless asked otherwise.
+        "STELLA_LOG_FORMAT": os.environ.get("STELLA_LOG_FORMAT", "text"),
     }
     serve = [*_stella(), "serve", "--host", host, "--port", str(port)]
     commands = {

@@ -6,6 +6,9 @@ from typing import Annotated
 
 import typer
 
+from app.logs.setup import configure as configure_logging
+from app.settings import get_settings
+
 
 def flower(
     port: Annotated[int, typer.Option(help="Port of the Flower web UI.")] = 5555,
@@ -17,4 +20,6 @@ def flower(
     """Run Flower (ops monitoring of workers and jobs); events are on in every worker."""
     from workers.celery_app import celery_app  # noqa: PLC0415
 
+    # Ours on the root logger: Flower's (tornado's) then adds no handler of its own.
+    configure_logging("info", get_settings().log_format, service="flower")
     celery_app.start(["flower", f"--port={port}", f"--address={address}", *(extra or [])])

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import agent, agents, audit, db, dev, flower, serve, simulate, tasks, tokens, worker
+from app.cli import (
+    agent,
+    agents,
+    audit,
+    db,
+    dev,
+    flower,
+    keys,
+    receipts,
+    serve,
+    simulate,
+    tasks,
+    tokens,
+    worker,
+)
 
 cli = typer.Typer(
     name="stella",
@@ -25,6 +39,8 @@ cli.add_typer(agent.cli, name="agent")
 cli.add_typer(agents.cli, name="agents")
 cli.add_typer(tasks.cli, name="tasks")
 cli.add_typer(audit.cli, name="audit")
+cli.add_typer(keys.cli, name="keys")
+cli.add_typer(receipts.cli, name="receipts")
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ def serve(
         bool, typer.Option("--tls", help="Serve HTTPS and ask agents for client certificates.")
     ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Web processes.")] = 1,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[str, typer.Option(help="Log level (uvicorn and the service).")] = "info",
 ) -> None:
     """Run the web process."""
     settings = get_settings()
@@ -53,7 +53,7 @@ def serve(
         server_key_file=server_key,
         workers=workers,
         log_level=log_level,
-        log_config=log_config(log_level),
+        log_config=log_config(log_level, settings.log_format),
         timeout_keep_alive=settings.keep_alive_timeout,
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT,
         **websocket_options(settings),

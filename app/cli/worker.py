@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from app.logs.jobs import install as install_job_logging
 from app.settings import get_settings
 
 
@@ -18,7 +19,15 @@ def worker(
     # The Celery app reads settings when built: only when this command runs.
     from workers.celery_app import celery_app  # noqa: PLC0415
 
-    argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--events"]
+    log_format = get_settings().log_format
+    install_job_logging(service="worker", log_format=log_format, level=loglevel)
+    argv = [
+        *_banner(log_format),
+        "worker",
+        f"--concurrency={concurrency}",
+        f"--loglevel={loglevel}",
+        "--events",
+    ]
     argv.append(f"--hostname={hostname or 'stella@%h'}")
     celery_app.worker_main(argv)
 
@@ -30,6 +39,14 @@ def beat(
     from workers.celery_app import celery_app  # noqa: PLC0415
 
     settings = get_settings()
+    install_job_logging(service="beat", log_format=settings.log_format, level=loglevel)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     schedule = settings.data_dir / "celerybeat-schedule"
-    celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+    celery_app.start(
+        [*_banner(settings.log_format), "beat", f"--loglevel={loglevel}", f"--schedule={schedule}"]
+    )
+
+
+def _banner(log_format: str) -> list[str]:
+    # Celery prints its start-up banner outside logging: no place in JSON lines.
+    return ["--quiet"] if log_format == "json" else []

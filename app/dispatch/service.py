@@ -9,6 +9,7 @@ second run, or a run resumed after a crash, create only the missing tasks.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -19,11 +20,14 @@ from app.agents import selectors
 from app.db import after_commit, insert_ignoring_conflicts, transaction
 from app.errors import NotFound, ServiceUnavailable
 from app.jobs import EXPAND_DISPATCH
+from app.logs import context as request_context
 from app.models import Agent, Dispatch, Task
 from app.models.types import utcnow
 from app.runtime import Runtime
 from app.tasks import service as tasks_service
 from app.tasks.schemas import DispatchAccepted, DispatchView, TaskCreate, TaskRef, TasksCreated
+
+log = logging.getLogger(__name__)
 
 # Fan-out goes to agents that report healthy; `degraded` ones are left out.
 DISPATCHABLE_STATUS = "online"
@@ -79,9 +83,18 @@ def create(*, session: Session, runtime: Runtime, spec: TaskCreate) -> Dispatch:
         ),
         timeout=spec.timeout or runtime.settings.task_default_timeout,
         priority=spec.priority,
+        request_id=request_context.current(),
     )
     session.add(dispatch)
     session.flush()
+    log.info(
+        "dispatch accepted",
+        extra={
+            "dispatch_id": str(dispatch_id),
+            "task_type": spec.task_type,
+            "target": dispatch.target,
+        },
+    )
     jobs = runtime.jobs
     after_commit(session, lambda: jobs.enqueue(EXPAND_DISPATCH, str(dispatch_id)))
     return dispatch
@@ -109,6 +122,24 @@ def expand(*, runtime: Runtime, dispatch_id: uuid.UUID, batch_size: int | None =
         if started is None:
             return 0
         dispatch = started
+    # Re-driven by a sweep, the job has no request id of its own: the dispatch's is the one.
+    with request_context.bound(dispatch.request_id or request_context.current()):
+        created = _expand_batches(runtime, dispatch, batch_size)
+    log.info(
+        "dispatch expanded",
+        extra={
+            "dispatch_id": str(dispatch_id),
+            "tasks": created,
+            "request_id": dispatch.request_id,
+        },
+    )
+    return created
+
+
+def _expand_batches(runtime: Runtime, dispatch: Dispatch, batch_size: int) -> int:
+    settings = runtime.settings
+    engine: Engine = runtime.engine
+    dispatch_id = dispatch.id
     created = 0
     after_agent: uuid.UUID | None = None
     while True:

@@ -8,6 +8,7 @@ from app.models.registration_token import RegistrationToken
 from app.models.sweep_mark import SweepMark
 from app.models.task import Task
 from app.models.task_log import TaskLog
+from app.models.task_receipt import TaskReceipt
 
 __all__ = [
     "Agent",
@@ -18,4 +19,5 @@ __all__ = [
     "SweepMark",
     "Task",
     "TaskLog",
+    "TaskReceipt",
 ]

@@ -34,3 +34,5 @@ class Dispatch(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False)
     )
     completed_at: dt.datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
+    # The request that made it; its expansion in a worker logs under the same id.
+    request_id: str | None = Field(default=None, max_length=64)

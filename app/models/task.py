@@ -54,3 +54,5 @@ class Task(SQLModel, table=True):
     # Bytes of log messages stored so far, against STELLA_TASK_LOG_MAX_BYTES.
     log_bytes: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     log_truncated: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    # The request that created it (or its dispatch), so that its log lines can be found.
+    request_id: str | None = Field(default=None, max_length=64)

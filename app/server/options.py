@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-import logging
 from typing import Any
 
-from uvicorn.config import LOG_LEVELS, LOGGING_CONFIG
-
+from app.logs.setup import LogFormat, logging_config
 from app.settings import Settings
-
-# Our packages: their lines follow --log-level; other libraries' only at debug.
-_OWN_LOGGERS = ("app", "pki", "workers", "beat")
 
 
 def websocket_options(settings: Settings) -> dict[str, Any]:
@@ -30,19 +24,11 @@ def websocket_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging, with the service's own loggers at `level` too.
+def log_config(level: str, log_format: LogFormat) -> dict[str, Any]:
+    """The web process's logging (app/logs/setup.py), as uvicorn applies it in each worker.
 
     uvicorn configures only its own loggers: without this every line of
-    ours goes nowhere, bar warnings through logging's unformatted last
-    resort. Other libraries log from WARNING, or everything at debug level,
-    as a Celery worker does.
+    ours would go nowhere, bar warnings through logging's unformatted last
+    resort.
     """
-    numeric = LOG_LEVELS[level.lower()]
-    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"] |= {name: {"level": numeric} for name in _OWN_LOGGERS}
-    config["root"] = {
-        "handlers": ["default"],
-        "level": numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING),
-    }
-    return config
+    return logging_config(level, log_format, service="web")

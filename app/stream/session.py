@@ -154,6 +154,7 @@ class TaskStream:
             for delivery in deliveries:
                 await self._send(TaskAssigned(task=delivery))
                 observe_deliveries("stream", [delivery.created])
+                tasks_service.log_delivered("stream", self.agent_id, [delivery])
             if len(deliveries) < tasks_service.CLAIM_BATCH:
                 return
 

@@ -19,6 +19,7 @@ from app.api.deps import (
 from app.api.problems import problems
 from app.dispatch import service as dispatch_service
 from app.pagination import DEFAULT_LIMIT, MAX_LIMIT, set_next_link
+from app.signing import receipts
 from app.tasks import service
 from app.tasks.schemas import (
     Acknowledged,
@@ -67,6 +68,17 @@ async def complete_task(
 
     def work(session: Session) -> None:
         me = authenticate_self(session, runtime, caller, agent_id)
+        receipt = (
+            receipts.verify(
+                agent=me.agent,
+                task_id=task_id,
+                success=body.success,
+                result=body.result,
+                receipt=body.receipt,
+            )
+            if body.receipt is not None
+            else None
+        )
         service.complete(
             session=session,
             settings=runtime.settings,
@@ -74,6 +86,8 @@ async def complete_task(
             task_id=task_id,
             report=body,
         )
+        if receipt is not None:
+            receipts.store(session=session, receipt=receipt)
 
     await in_transaction(runtime, work)
     return Acknowledged()

@@ -39,15 +39,22 @@ class TaskDelivery(OmitNoneModel):
     # The server's signature over taskId, agentId, taskType, payload and
     # timeout: {"alg", "kid", "value"} (see app/signing/).
     signature: dict[str, str] | None = None
-    # When the task was created, for the dispatch-to-delivery metric; never sent.
+    # When the task was created (for the dispatch-to-delivery metric) and by
+    # which request (for the delivery's log line); never sent.
     _created_at: dt.datetime | None = PrivateAttr(default=None)
+    _request_id: str | None = PrivateAttr(default=None)
 
     @property
     def created(self) -> dt.datetime | None:
         return self._created_at
 
-    def created_on(self, created_at: dt.datetime) -> TaskDelivery:
+    @property
+    def request_id(self) -> str | None:
+        return self._request_id
+
+    def created_on(self, created_at: dt.datetime, request_id: str | None = None) -> TaskDelivery:
         self._created_at = created_at
+        self._request_id = request_id
         return self
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Select, func, insert, select, update
@@ -24,6 +24,7 @@ from app.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from app.logs import context as request_context
 from app.models import Agent, Task, TaskLog
 from app.models.types import utcnow
 from app.notify import AgentEvent, Notifier
@@ -87,6 +88,10 @@ def create_for_agent(
     session.add(task)
     session.flush()
     notify_created(session=session, notifier=notifier, agent_id=agent_id, task_id=task.id)
+    log.info(
+        "task created",
+        extra={"task_id": str(task.id), "agent_id": str(agent_id), "task_type": task.task_type},
+    )
     return task
 
 
@@ -130,6 +135,7 @@ def new_task(
         timeout=timeout,
         signature=signature,
         priority=priority,
+        request_id=request_context.current(),
     )
 
 
@@ -227,7 +233,22 @@ def deliver(task: Task, cipher: CredentialCipher) -> TaskDelivery:
         timeout=task.timeout,
         priority=task.priority,
         signature=task.signature,
-    ).created_on(task.created_at)
+    ).created_on(task.created_at, request_id=task.request_id)
+
+
+def log_delivered(via: str, agent_id: uuid.UUID, deliveries: Iterable[TaskDelivery]) -> None:
+    """One line per task handed over, under the id of the request that created it."""
+    for delivery in deliveries:
+        log.info(
+            "task delivered",
+            extra={
+                "task_id": str(delivery.task_id),
+                "agent_id": str(agent_id),
+                "task_type": delivery.task_type,
+                "via": via,
+                "request_id": delivery.request_id,
+            },
+        )
 
 
 def open_tasks_for_agent(
@@ -287,11 +308,20 @@ def complete(
             error=report.error,
             credentials_encrypted=None,
         )
-        .returning(col(Task.id)),
+        .returning(col(Task.request_id)),
         execution_options={"synchronize_session": False},
     ).first()
     if finished is not None:
         append_logs(session=session, settings=settings, task_id=task_id, lines=report.logs)
+        log.info(
+            "task completed",
+            extra={
+                "task_id": str(task_id),
+                "agent_id": str(agent_id),
+                "status": outcome,
+                "request_id": finished.request_id,
+            },
+        )
         return
     task = session.get(Task, task_id)
     if task is not None and task.agent_id == agent_id and task.status == outcome:

@@ -40,7 +40,8 @@ class TestRegister:
         response = post_register(stack, mint_token(operator), registration_body("agent-prod-01"))
         assert response.status_code == 201, response.text
         body = response.json()
-        assert set(body) == {"agentId", "token", "config", "certificate"}
+        # The seed's four, and the task-signing keys to pin (an extra field, app/signing/).
+        assert set(body) == {"agentId", "token", "config", "certificate", "taskSigningKeys"}
         agent_id = str(uuid.UUID(body["agentId"]))
         seed_config = {"heartbeatInterval": 30, "taskPollInterval": 5, "logLevel": "info"}
         assert body["config"] == seed_config

@@ -177,7 +177,10 @@ class TestPollTasks:
             "credentials": CREDENTIALS,
             "timeout": 120,
             "status": "assigned",
+            # Beyond the seed: the server's detached signature (tests/signing/).
+            "signature": task["signature"],
         }
+        assert set(task["signature"]) == {"alg", "kid", "value"}
         assert task["createdAt"].endswith("Z")
         assert task["createdAt"] == view(operator, task_id)["createdAt"]
 
