@@ -449,10 +449,13 @@ def _refuse_update(*, session: Session, agent_id: uuid.UUID, task_id: uuid.UUID)
 
 
 def cancel(*, session: Session, notifier: Notifier, task_id: uuid.UUID) -> Task:
-    """Cancel an unfinished task and tell its agent; 409 once it has ended."""
+    """Cancel an unfinished task and tell its agent; 409 once it has ended.
+
+    An `unknown` one too: the operator gives up waiting for its agent's report.
+    """
     cancelled = session.scalars(
         update(Task)
-        .where(col(Task.id) == task_id, col(Task.status).in_(OPEN_STATUSES))
+        .where(col(Task.id) == task_id, col(Task.status).in_((*OPEN_STATUSES, UNKNOWN_STATUS)))
         .values(status="cancelled", completed_at=utcnow(), credentials_encrypted=None)
         .returning(Task),
         execution_options={"synchronize_session": False},

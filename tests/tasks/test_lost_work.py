@@ -213,6 +213,17 @@ class TestTheAgentsReport:
         assert (settled["status"], settled["error"]) == ("failed", "interrupted")
         assert [item["message"] for item in settled["logs"]] == ["ran"]
 
+    def test_an_operator_may_give_up_on_it(
+        self, stack: Stack, operator: httpx.Client, register: Register
+    ) -> None:
+        agent = register()
+        task_id = self.lost_task(stack, operator, agent, "compose.up")
+        response = operator.post(f"/api/v1/tasks/{task_id}/cancel")
+        assert response.status_code == 200, response.text
+        assert view(operator, task_id)["status"] == "cancelled"
+        assert agent.complete(task_id).status_code == 409  # too late now
+        assert agent.poll().json()["tasks"] == []
+
     def test_an_unknown_filter_is_refused_only_when_misspelt(self, operator: httpx.Client) -> None:
         assert operator.get("/api/v1/tasks", params={"status": "unknown"}).status_code == 200
         assert operator.get("/api/v1/tasks", params={"status": "unknwn"}).status_code == 422
