@@ -82,6 +82,7 @@ def test_an_expired_agent_is_recertified_and_works_again(
     grace_stack: Stack, ops: httpx.Client, anon: httpx.Client, tmp_path: Path
 ) -> None:
     agent = lapsed(grace_stack, ops, "lapsed-1")
+    assert ops.get("/api/v1/certificates/forecast").json()["recoverable"] == 1
     answer = redeem(anon, agent, challenge(anon, agent.id), csr=csr_for(agent.key))
     assert answer.status_code == 200, answer.text
     data = answer.json()
@@ -103,6 +104,7 @@ def test_an_expired_agent_is_recertified_and_works_again(
         beat = http.post(f"/api/v1/agents/{agent.id}/heartbeat", json={"status": "healthy"})
         assert beat.status_code == 200, beat.text
 
+    assert ops.get("/api/v1/certificates/forecast").json()["recoverable"] == 0
     detail = ops.get(f"/api/v1/agents/{agent.id}").json()
     assert detail["certificate"]["serial"] == format(certificate.serial_number, "x")
     events = ops.get("/api/v1/audit", params={"action": "cert.recovered"}).json()
