@@ -171,6 +171,7 @@ def _write(directory: Path, keys: tuple[SigningKey, ...]) -> None:
 def load_or_create_task_signing(directory: Path) -> TaskSigningKeyring:
     """The keyring, made on a fresh or pre-existing PKI; refused when its private file is lost."""
     private, public = directory / PRIVATE_FILE, directory / PUBLIC_FILE
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _directory_lock(directory):
         if not private.exists():
             if public.exists():
