@@ -161,15 +161,28 @@ class Fleet:
         status: str = response.json()["status"]
         return status
 
+    def guard_reason(self) -> str | None:
+        """Why the mass-offline guard holds the offline sweep (None: it does not, or no answer)."""
+        with self.operator() as operator:
+            response = operator.get("/api/v1/sweeps/guard")
+        if response.status_code != 200:  # 503 until the web process has its database back
+            return None
+        reason: str | None = response.json()["reason"]
+        return reason
+
     def watch_grace(self, prompt: list[StreamAgent], quitter: StreamAgent, up_at: float) -> None:
         """Prompt agents stay live through the grace; the silent one goes offline after it."""
         window = MISSED * INTERVAL
         seen: dict[str, set[str]] = {agent.id: set() for agent in prompt}
+        guard_reasons: set[str | None] = set()
         while time.monotonic() < up_at + window + 4 * INTERVAL:
             for agent in prompt:
                 seen[agent.id].add(self.status(agent))
+            guard_reasons.add(self.guard_reason())
             time.sleep(0.25)
         assert all(statuses == {"online"} for statuses in seen.values()), seen
+        # The grace is the mass-offline guard, engaged for the outage.
+        assert "outage" in guard_reasons, guard_reasons
         wait_until(
             lambda: self.status(quitter) == "offline",
             window + 10,
