@@ -112,6 +112,7 @@ def time_out_tasks(
     now = now or utcnow()
     if held_after_outage(session=session, settings=settings, now=now):
         return []
+    lost_work.mark_unknown(session=session, settings=settings)  # not timed out: unknown
     candidates = session.execute(
         select(col(Task.id), col(Task.assigned_at), col(Task.timeout)).where(
             col(Task.status).in_(RUNNING_STATUSES)

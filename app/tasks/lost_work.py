@@ -1,7 +1,9 @@
 """Work in flight on a lost agent: `unknown`, not failed, when running it twice is not safe.
 
 With STELLA_OUTCOME_UNKNOWN on, the offline sweep calls `mark_unknown` in the
-transaction that marked agents offline. A task of a type that is not
+transaction that marked agents offline, and the timeout sweep before it ends
+anything (a timeout passing while the agent is offline says nothing of what
+the task did either: the setting turned on later, a race). A task of a type that is not
 idempotent (app/tasks/types.py), assigned or running on an offline agent, may
 have done its work or not: it becomes `unknown`, is never handed out again,
 and waits for its agent to report what happened (`service.complete` accepts
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy import select, update
 from sqlmodel import Session, col
@@ -31,9 +34,12 @@ LOST_ERROR = (
 
 
 def mark_unknown(
-    *, session: Session, settings: Settings, marked: list[uuid.UUID]
+    *, session: Session, settings: Settings, marked: Sequence[uuid.UUID] | None = None
 ) -> list[uuid.UUID]:
-    """After agents were marked offline: their non-idempotent work in flight becomes `unknown`.
+    """Non-idempotent work in flight on offline agents becomes `unknown`; the tasks changed.
+
+    `marked`: the agents the calling sweep just marked offline (nothing to do
+    when it marked none); None: look at every offline agent.
 
     One guarded UPDATE: a completion committed first leaves its task final
     (not in flight), one that waits on the row lock finds `unknown` and is
@@ -41,7 +47,7 @@ def mark_unknown(
     offline agent, not only `marked`, so a sweep that lost the race to mark
     an agent still finds its tasks changed by the one that won.
     """
-    if not settings.outcome_unknown or not marked:
+    if not settings.outcome_unknown or (marked is not None and not marked):
         return []
     offline = select(col(Agent.id)).where(col(Agent.status) == "offline")
     rows = session.execute(
@@ -57,7 +63,5 @@ def mark_unknown(
     ).all()
     lost = [row[0] for row in rows]
     if lost:
-        log.warning(
-            "%d task(s) of %d lost agent(s) have an unknown outcome now", len(lost), len(marked)
-        )
+        log.warning("%d task(s) of lost agents have an unknown outcome now", len(lost))
     return lost

@@ -138,6 +138,31 @@ class TestTheOfflineSweep:
         assert sweep_offline(stack, stack.runtime.settings) == [uuid.UUID(agent.id)]
         assert view(operator, task_id)["status"] == "assigned"
 
+    def test_a_timeout_while_the_agent_is_offline_is_unknown_too(
+        self, stack: Stack, operator: httpx.Client, register: Register
+    ) -> None:
+        """Marked offline before the setting was on: the timeout sweep does not time it out."""
+        agent = register()
+        run, pull = (
+            run_task(operator, agent, "docker.run"),
+            run_task(operator, agent, "docker.pull"),
+        )
+        go_silent(stack, agent)
+        assert sweep_offline(stack, stack.runtime.settings) == [uuid.UUID(agent.id)]
+        assert view(operator, run)["status"] == "assigned"
+        with transaction(stack.runtime.engine) as session:
+            ended = sweeps.time_out_tasks(
+                session=session,
+                settings=enabled(stack),
+                notifier=stack.runtime.notifier,
+                now=utcnow() + dt.timedelta(seconds=SHORT + 1),
+            )
+        assert [str(item.task_id) for item in ended] == [pull]
+        assert (view(operator, run)["status"], view(operator, pull)["status"]) == (
+            "unknown",
+            "timed_out",
+        )
+
     def test_overlapping_runs_change_each_task_once(
         self, stack: Stack, operator: httpx.Client, register: Register
     ) -> None:
