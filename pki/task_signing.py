@@ -120,9 +120,9 @@ class TaskSigningKeyring:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._keys: tuple[SigningKey, ...] = ()
-        self.keys()  # fail now, at start, on an unreadable file
+        self.all_keys()  # fail now, at start, on an unreadable file
 
-    def keys(self) -> tuple[SigningKey, ...]:
+    def all_keys(self) -> tuple[SigningKey, ...]:
         try:
             status = os.stat(self.path)
         except OSError as exc:
@@ -138,16 +138,16 @@ class TaskSigningKeyring:
 
     def signing_key(self, now: dt.datetime | None = None) -> SigningKey:
         now = now or dt.datetime.now(dt.UTC)
-        active = [k for k in self.keys() if k.activates_at <= now and k.published_at(now)]
+        active = [k for k in self.all_keys() if k.activates_at <= now and k.published_at(now)]
         if not active:  # every key retired or none active yet: the newest activated one
-            active = [k for k in self.keys() if k.activates_at <= now] or list(self.keys())
+            active = [k for k in self.all_keys() if k.activates_at <= now] or list(self.all_keys())
         return max(active, key=lambda k: k.activates_at)
 
     def published(self, now: dt.datetime | None = None) -> list[dict[str, str]]:
         """The public keys agents should accept now, oldest first."""
         now = now or dt.datetime.now(dt.UTC)
         signing = self.signing_key(now).kid
-        return [k.public() for k in self.keys() if k.published_at(now) or k.kid == signing]
+        return [k.public() for k in self.all_keys() if k.published_at(now) or k.kid == signing]
 
 
 def _read_keys(path: Path) -> tuple[SigningKey, ...]:

@@ -31,7 +31,7 @@ def test_a_fresh_directory_gets_one_private_keyring_and_its_public_half(tmp_path
     assert _mode(directory) == 0o700
     assert _mode(directory / PRIVATE_FILE) == 0o600
     assert _mode(directory / PUBLIC_FILE) == 0o644
-    (key,) = keyring.keys()
+    (key,) = keyring.all_keys()
     published = json.loads((directory / PUBLIC_FILE).read_text())["keys"]
     assert published == [key.public()]
     assert "PRIVATE" not in (directory / PUBLIC_FILE).read_text()
@@ -85,7 +85,7 @@ def test_rotation_signs_with_the_new_key_and_keeps_the_old_one_published(
     assert [key["kid"] for key in keyring.published()] == [old.kid, new.kid]
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
     assert [key["kid"] for key in keyring.published(later)] == [new.kid]
-    retired = next(key for key in keyring.keys() if key.kid == old.kid)
+    retired = next(key for key in keyring.all_keys() if key.kid == old.kid)
     assert retired.retires_at is not None
     assert _mode(directory / PRIVATE_FILE) == 0o600
 

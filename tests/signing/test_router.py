@@ -192,7 +192,8 @@ class TestReceipts:
         agent, other = register(), register()
         task_id = delivered_task(operator, agent)
         result = {"ok": True}
-        key, fields = _key(agent), {"task_id": task_id, "agent_id": agent.id, "result": result}
+        key = _key(agent)
+        fields: dict[str, Any] = {"task_id": task_id, "agent_id": agent.id, "result": result}
         receipt: dict[str, Any]
         if bad == "another key":
             receipt = make_receipt(_key(other), **fields)
