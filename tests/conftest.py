@@ -57,6 +57,7 @@ TABLES = (
     "sweep_marks",
     "audit_events",
     "recovery_challenges",
+    "task_receipts",
 )
 
 
