@@ -71,9 +71,12 @@ def targets(operator: httpx.Client, register: Register) -> list[Target]:
         schema = operation.body_schema
         if schema is None:
             continue
-        client = {"operator": operator, "agent": agent.http, "register": operator}.get(
-            operation.kind
-        )
+        client = {
+            "operator": operator,
+            "agent": agent.http,
+            "register": operator,
+            "public": operator,  # lockout-proof renewal: the body is the proof
+        }.get(operation.kind)
         assert client is not None, f"{operation.label}: which client sends its body?"
         properties = resolve(document, schema).get("properties", {})
         found.append(
