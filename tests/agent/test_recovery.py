@@ -29,7 +29,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def grace_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield from start_stack(
-        tmp_path_factory.mktemp("agent-grace"), database_url, worker=False, cert_grace=7 * 86400
+        tmp_path_factory.mktemp("agent-grace"),
+        database_url,
+        worker=False,
+        cert_grace=7 * 86400,
+        heartbeat_interval=2,
     )
 
 
@@ -107,3 +111,34 @@ def test_an_agent_restarted_after_expiry_stays_locked_out_with_the_grace_off(
         assert operator.get("/api/v1/audit", params={"action": "cert.recovered"}).json() == []
     finally:
         agent.close()
+
+
+def test_a_certificate_that_lapses_while_the_agent_runs_is_recovered(
+    grace_stack: Stack, tmp_path: Path
+) -> None:
+    stack = grace_stack
+    truncate(stack.runtime)
+    with operator_client(stack) as operator:
+        agent = AgentRunner(stack.base_url, stack.ca_file, tmp_path, install_fake_docker(tmp_path))
+        try:
+            process = agent.start(token=mint_token(operator))
+            process.wait_for("task stream connected")
+            # The server was away through the renewal window: the certificate lapsed.
+            key = serialization.load_pem_private_key(
+                (agent.state_dir / "key.pem").read_bytes(), password=None
+            )
+            pem = lapse(stack, agent.agent_id, key.public_key(), ago=dt.timedelta(minutes=5))
+            (agent.state_dir / "cert.pem").write_text(pem)
+            process.wait_for("certificate expired while running")
+            process.wait_for("certificate recovered")
+            assert not_after(agent.state_dir / "cert.pem") > utcnow() + dt.timedelta(hours=23)
+            events = operator.get(
+                "/api/v1/audit", params={"action": "cert.recovered", "agentId": agent.agent_id}
+            ).json()
+            assert len(events) == 1
+            assert "locked out" not in process.output()
+            process.stop()
+            assert process.process is not None
+            assert process.process.returncode == 0, process.output()
+        finally:
+            agent.close()
