@@ -245,3 +245,29 @@ def test_concurrent_redemptions_of_one_challenge_one_wins(
     assert sorted(statuses) == [200] + [401] * (racers - 1)
     events = ops.get("/api/v1/audit", params={"action": "cert.recovered"}).json()
     assert len(events) == 1
+
+
+def test_concurrent_challenges_leave_one_live(
+    grace_stack: Stack, ops: httpx.Client, anon: httpx.Client
+) -> None:
+    agent = lapsed(grace_stack, ops, "lapsed-12")
+    racers = 6
+    barrier = threading.Barrier(racers)
+    issued: list[str] = []
+
+    def ask() -> None:
+        with httpx.Client(
+            base_url=grace_stack.base_url, verify=grace_stack.ssl_context(), timeout=60
+        ) as client:
+            barrier.wait()
+            issued.append(challenge(client, agent.id))
+
+    threads = [threading.Thread(target=ask) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(issued)) == racers
+    # One per agent: only the last one stored can be redeemed.
+    statuses = [redeem(anon, agent, value).status_code for value in issued]
+    assert sorted(statuses) == [200] + [401] * (racers - 1)
