@@ -131,8 +131,8 @@ async def find_run(task_id: str) -> Outcome | None:
     rows = [line.split("\t") for line in listed.output if line.strip()]
     if not rows:
         return Outcome.failed(
-            "interrupted: the agent stopped while this task ran, before docker created its "
-            "container (none is labelled with this task); it was not re-run"
+            "interrupted: the agent stopped while this task ran, and no container is labelled "
+            "with this task (never created, or removed since); it was not re-run"
         )
     container_id, state, status, detached = (rows[0] + ["", "", ""])[:4]
     return _judge(container_id, state, status, detached=detached == "true")

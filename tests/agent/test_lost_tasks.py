@@ -55,7 +55,7 @@ def test_a_run_labels_its_container_and_is_found_by_it(docker: FakeDocker) -> No
     assert missing is not None
     assert not missing.success
     assert missing.error is not None
-    assert "before docker created its container" in missing.error
+    assert "no container is labelled with this task" in missing.error
 
 
 @pytest.mark.parametrize(
