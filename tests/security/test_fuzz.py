@@ -36,6 +36,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.conftest import ADMIN_TOKEN, AgentClient, Stack, dispatch, mint_token
 from tests.security.openapi import classify, fetch_document
+from tests.signing.helpers import make_receipt
 from tests.tasks.helpers import create_task, delivered_task
 
 Register = Callable[..., AgentClient]
@@ -157,6 +158,12 @@ def test_every_operation(
     agent = register("fuzz-agent", labels={"site": "lab"})
     delivered = delivered_task(operator, agent)
     pending = create_task(operator, agent)
+    # A task the agent completed with a signed receipt, for the receipt endpoint.
+    receipted = delivered_task(operator, agent)
+    receipt = make_receipt(
+        agent.registration["certificate"]["key"], task_id=receipted, agent_id=agent.id
+    )
+    assert agent.complete(receipted, receipt=receipt).status_code == 200
     selected = dispatch(operator, {"labels": {"site": "lab"}})
     assert selected.status_code == 202, selected.text
     known_ids = {"id": agent.id, "dispatchId": selected.json()["dispatchId"]}
@@ -188,6 +195,8 @@ def test_every_operation(
             if "{taskId}" in operation.path:
                 # The agent completes the task it holds; operators read and cancel another.
                 caller.ids["taskId"] = delivered if kind == "agent" else pending
+                if operation.path.endswith("/receipt"):
+                    caller.ids["taskId"] = receipted
             if (method, operation.path) == ("POST", "/api/v1/tasks"):
                 caller.target = {"agentId": agent.id}
             if kind == "operator":

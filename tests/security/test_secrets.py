@@ -38,6 +38,7 @@ from app.db import transaction
 from app.models import Dispatch, Task
 from app.tasks import service as tasks_service
 from app.tasks.schemas import TaskCreate
+from pki import private_key_pem
 from tests.conftest import ADMIN_TOKEN, REDIS_URL, free_port, service_unavailable
 from tests.processes import StellaProcess
 from tests.security.leaks import (
@@ -443,6 +444,9 @@ def pki_secrets(run: Run) -> Secrets:
     for path in (files.ca_key, files.jwt_key, files.server_key):
         for index, line in enumerate(pem_body_lines(path.read_text())):
             named[f"{path.name} line {index}"] = line
+    for key in run.backend.runtime.task_keys.all_keys():
+        for index, line in enumerate(pem_body_lines(private_key_pem(key.key))):
+            named[f"task-signing key {key.kid} line {index}"] = line
     return Secrets(named)
 
 
@@ -641,4 +645,7 @@ class TestKeys:
             assert "PRIVATE KEY" not in text, place
         assert pki_secrets(run).found_in({k: v[1] for k, v in run.key_probes.items()}) == {}
         assert [path for path in run.openapi_paths if "pki" in path] == ["/api/v1/pki/ca.pem"]
-        assert [path for path in run.openapi_paths if "key" in path.lower()] == []
+        # Public keys only: the agents' task-signing keys to pin (private ones: probed above).
+        assert [path for path in run.openapi_paths if "key" in path.lower()] == [
+            "/api/v1/agents/{id}/task-signing-keys"
+        ]
