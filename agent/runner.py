@@ -510,6 +510,14 @@ class Runner:
                 self.unreported[task_id] = {**body, "logs": []}
                 await self._report(task_id)
                 return
+            if "receipt" in body:
+                # A receipt the server refused: the outcome matters more than the evidence.
+                log.warning(
+                    "task %s: completion rejected (%s); retrying without its receipt", task_id, exc
+                )
+                self.unreported[task_id] = {k: v for k, v in body.items() if k != "receipt"}
+                await self._report(task_id)
+                return
             log.error("task %s: completion rejected: %s", task_id, exc)
         self.unreported.pop(task_id, None)
         self.state.release_task(task_id)

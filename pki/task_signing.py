@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from pki.authority import PkiError, _directory_lock, _write_atomic
 from pki.keys import jwk_thumbprint, private_key_pem
+
+log = logging.getLogger(__name__)
 
 ALGORITHM = "Ed25519"
 PRIVATE_FILE = "task-signing.json"
@@ -132,7 +135,14 @@ class TaskSigningKeyring:
         stamp = (status.st_mtime_ns, status.st_size)
         with self._lock:
             if stamp != self._stamp:
-                self._keys = _read_keys(self.path)
+                try:
+                    self._keys = _read_keys(self.path)
+                except PkiError:
+                    if not self._keys:
+                        raise
+                    # Being replaced, or damaged while we run: sign with what we have.
+                    log.error("task-signing keys unreadable; keeping those loaded", exc_info=True)
+                    return self._keys
                 self._stamp = stamp
             return self._keys
 

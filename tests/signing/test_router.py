@@ -55,7 +55,10 @@ class TestSignedDeliveries:
     ) -> None:
         agent = register()
         first = create_task(
-            operator, agent, payload={"image": "a", "n": 1.0}, credentials=CREDENTIALS
+            operator,
+            agent,
+            payload={"image": "a", "n": 1.0, "big": 1e20, "tiny": 1.5e-7, "é": ["✓", None]},
+            credentials=CREDENTIALS,
         )
         (task,) = agent.heartbeat().json()["tasks"]
         assert task["taskId"] == first
