@@ -31,7 +31,7 @@ def test_a_callers_id_is_echoed_and_kept_by_the_task_it_created(
     assert response.headers["X-Request-ID"] == "deploy-4711.abc"
     task_id = uuid.UUID(response.json()["tasks"][0]["taskId"])
     with Session(stack.runtime.engine) as session:
-        task = session.exec(select(Task).where(Task.id == task_id)).one()  # type: ignore[arg-type]
+        task = session.exec(select(Task).where(Task.id == task_id)).one()
     assert task.request_id == "deploy-4711.abc"
 
 
@@ -65,7 +65,7 @@ def test_a_selector_dispatch_keeps_the_id_in_every_task_it_fans_out(
     dispatch_id = uuid.UUID(response.json()["dispatchId"])
     wait_done(operator, str(dispatch_id), timeout=30)
     with Session(stack.runtime.engine) as session:
-        rows = session.exec(select(Task).where(Task.dispatch_id == dispatch_id)).all()  # type: ignore[arg-type]
+        rows = session.exec(select(Task).where(Task.dispatch_id == dispatch_id)).all()
         dispatch_row = session.get(Dispatch, dispatch_id)
     assert len(rows) == 2
     assert {row.request_id for row in rows} == {"fanout-1"}
