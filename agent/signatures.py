@@ -178,7 +178,7 @@ class TaskSignatures:
         if kid not in keys:
             keys = await self._refresh() or {}
         if kid not in keys:
-            return f"{INVALID}: signed by key {kid!r}, which the server never announced"
+            return f"{INVALID}: signed by key {kid!r}, which the server does not announce"
         return keys[kid], signature
 
     def receipt(

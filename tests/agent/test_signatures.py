@@ -176,7 +176,7 @@ def test_a_key_the_server_does_not_announce_is_refused(
     checks = signatures_for(tmp_path, keyring.published(), Fetcher(keyring.published()))
     refused = asyncio.run(checks.problem(signed_task(other)))
     assert refused is not None
-    assert "which the server never announced" in refused
+    assert "which the server does not announce" in refused
     failing = signatures_for(tmp_path / "b", keyring.published(), Fetcher(OSError("down")))
     refused = asyncio.run(failing.problem(signed_task(other)))
     assert refused is not None
@@ -258,3 +258,19 @@ def test_a_refused_receipt_does_not_lose_the_outcome(tmp_path: Path) -> None:
     assert body["success"] is True
     assert "receipt" not in body
     assert state.held_tasks() == {}
+
+
+def test_a_task_signed_before_a_rotation_still_passes_until_its_key_retires(
+    tmp_path: Path, keyring: TaskSigningKeyring
+) -> None:
+    before = signed_task(keyring)
+    rotate_task_signing(keyring.path.parent, retire_after=dt.timedelta(hours=1))
+    fetcher = Fetcher(keyring.published())
+    checks = signatures_for(tmp_path, keyring.published(), fetcher)
+    assert asyncio.run(checks.problem(before)) is None
+    # Once retired, the server no longer announces it: refused.
+    retired = keyring.published(dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+    gone = signatures_for(tmp_path / "later", retired, Fetcher(retired))
+    refused = asyncio.run(gone.problem(before))
+    assert refused is not None
+    assert "does not announce" in refused
