@@ -67,7 +67,7 @@ def verify(
         document = json.loads(file.read_text())
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         typer.echo(f"error: cannot read {file}: {exc}", err=True)
         raise typer.Exit(EXIT_UNREADABLE) from exc
     try:
@@ -89,7 +89,7 @@ def check(document: dict[str, Any]) -> dict[str, Any]:
         certificate = x509.load_pem_x509_certificate(_text(document, "certificate").encode())
         ca = x509.load_pem_x509_certificate(_text(document, "caCertificate").encode())
         fields = json.loads(signed)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError) as exc:
         raise Invalid(f"malformed receipt: {exc}") from exc
     if not isinstance(fields, dict) or fields.get("v") != 1:
         raise Invalid("the signed bytes are not a version 1 receipt")

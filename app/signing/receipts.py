@@ -84,8 +84,8 @@ def verify(
         signed = b64decode(receipt.signed)
         signature = b64decode(receipt.signature)
         fields = parse_signed(signed)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"receipt is malformed: {exc}") from exc
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidInput(f"receipt is malformed: {type(exc).__name__}") from exc
     key = load_public_key_pem(agent.public_key_pem)
     if receipt.alg != algorithm_for(key):
         raise InvalidInput(f"receipt algorithm {receipt.alg!r} does not fit the agent's key")

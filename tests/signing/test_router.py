@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col
 
+from agent.signatures import b64url
 from app.cli.receipts import check
 from app.models import Task
 from tests.conftest import AgentClient, Stack, dispatch
@@ -187,6 +188,7 @@ class TestReceipts:
             "altered bytes",
             "not base64",
             "not a receipt",
+            "nested deep",
         ],
     )
     def test_a_bad_receipt_is_refused_and_the_task_stays_open(
@@ -215,6 +217,8 @@ class TestReceipts:
             receipt = {**good, "signed": make_receipt(key, outcome="failed", **fields)["signed"]}
         elif bad == "not base64":
             receipt = {**make_receipt(key, **fields), "signature": "not base64!"}
+        elif bad == "nested deep":
+            receipt = make_receipt(key, **fields) | {"signed": b64url(b"[" * 6000)}
         else:
             receipt = make_receipt(key, **fields) | {"signed": "bm90IGpzb24"}
         response = agent.complete(task_id, result=result, receipt=receipt)
