@@ -5,6 +5,7 @@
 - `issue`: agent client certificates and the server certificate.
 - `csr`: checking a PKCS#10 request before its key is certified.
 - `verify`: checking a presented client certificate against the CA.
+- `task_signing`: the server's Ed25519 task-signing keys beside the CA, and their rotation.
 """
 
 from pki.authority import CertificateAuthority, PkiError, PkiFiles, load_or_create_pki
