@@ -10,6 +10,7 @@ from app.cli import (
     audit,
     db,
     dev,
+    fleet,
     flower,
     keys,
     receipts,
@@ -41,6 +42,7 @@ cli.add_typer(tasks.cli, name="tasks")
 cli.add_typer(audit.cli, name="audit")
 cli.add_typer(keys.cli, name="keys")
 cli.add_typer(receipts.cli, name="receipts")
+cli.add_typer(fleet.cli, name="fleet")
 
 
 def main() -> None:

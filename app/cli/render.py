@@ -244,3 +244,57 @@ def audit_table(events: list[dict[str, Any]]) -> Table:
             text(json.dumps(event.get("detail") or {}, separators=(",", ":"))),
         )
     return table
+
+
+def guard_detail(state: dict[str, Any]) -> Table:
+    engaged = bool(state.get("engaged"))
+    engagements = state.get("engagements") or {}
+    return _fields(
+        [
+            (
+                "engaged",
+                text("yes: no agent is marked offline", "yellow") if engaged else text("no"),
+            ),
+            ("reason", text(state.get("reason") or "")),
+            ("since", text(state.get("since") or "")),
+            ("until", text(state.get("until") or "")),
+            ("agents held", text(state.get("agentsHeld"))),
+            ("silent when engaged", text(state.get("silentWhenEngaged") or "")),
+            ("percent", text(state.get("percent") or "off")),
+            ("grace", text(f"{state.get('graceSeconds')} s")),
+            (
+                "engagements",
+                text(", ".join(f"{reason} {count}" for reason, count in engagements.items())),
+            ),
+        ]
+    )
+
+
+def forecast_view(answer: dict[str, Any]) -> Group:
+    at_risk = answer.get("atRisk") or 0
+    summary = _fields(
+        [
+            ("within", text(f"{answer.get('hours')} h of {answer.get('asOf')}")),
+            ("expiring", text(answer.get("expiring"))),
+            ("at risk", text(at_risk, "red" if at_risk else "green")),
+            ("expired", text(answer.get("expired"))),
+            ("recoverable", text(answer.get("recoverable"))),
+        ]
+    )
+    table = Table(title=f"{at_risk} agent(s) at risk", title_justify="left")
+    table.add_column("AGENT", no_wrap=True)
+    table.add_column("NAME")
+    table.add_column("STATUS")
+    table.add_column("LAST HEARTBEAT", no_wrap=True)
+    table.add_column("CERT EXPIRES", no_wrap=True)
+    table.add_column("REASON")
+    for agent in answer.get("agents") or []:
+        table.add_row(
+            text(agent.get("agentId")),
+            text(agent.get("name")),
+            status(agent.get("status")),
+            text(agent.get("lastHeartbeat") or ""),
+            text(agent.get("certExpiresAt")),
+            text(agent.get("reason"), "red"),
+        )
+    return Group(summary, table)
