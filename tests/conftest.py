@@ -18,6 +18,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,6 +349,30 @@ def agent_client(
         headers={"Authorization": f"Bearer {token}"},
         timeout=30,
     )
+
+
+def register_agent(
+    stack: Stack, operator: httpx.Client, tmp: Path, **body: Any
+) -> tuple[dict[str, Any], httpx.Client]:
+    """Register an agent with a fresh token (server-made key): its answer and its mTLS client."""
+    body = {"name": f"agent-{uuid.uuid4().hex[:12]}", "version": "1.0.0", "capabilities": []} | body
+    response = httpx.post(
+        f"{stack.base_url}/api/v1/agents/register",
+        json=body,
+        headers={"X-Agent-Token": mint_token(operator)},
+        verify=stack.ssl_context(),
+    )
+    assert response.status_code == 201, response.text
+    data: dict[str, Any] = response.json()
+    http = agent_client(
+        stack,
+        agent_id=data["agentId"],
+        token=data["token"],
+        cert_pem=data["certificate"]["cert"],
+        key_pem=data["certificate"]["key"],
+        tmp=tmp,
+    )
+    return data, http
 
 
 @pytest.fixture

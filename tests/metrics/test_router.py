@@ -15,10 +15,10 @@ from tests.conftest import (
     ADMIN_TOKEN,
     AgentClient,
     Stack,
-    agent_client,
     dispatch,
     mint_token,
     operator_client,
+    register_agent,
     start_stack,
 )
 from tests.metrics.helpers import parse, scrape, value
@@ -61,23 +61,7 @@ def public_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 def _register(stack: Stack, tmp: Path) -> tuple[httpx.Client, str]:
     with operator_client(stack) as operator:
-        token = mint_token(operator)
-    response = httpx.post(
-        f"{stack.base_url}/api/v1/agents/register",
-        json={"name": f"agent-{uuid.uuid4().hex[:8]}", "capabilities": ["docker"]},
-        headers={"X-Agent-Token": token},
-        verify=stack.ssl_context(),
-    )
-    assert response.status_code == 201, response.text
-    data = response.json()
-    client = agent_client(
-        stack,
-        agent_id=data["agentId"],
-        token=data["token"],
-        cert_pem=data["certificate"]["cert"],
-        key_pem=data["certificate"]["key"],
-        tmp=tmp,
-    )
+        data, client = register_agent(stack, operator, tmp, capabilities=["docker"])
     return client, data["agentId"]
 
 

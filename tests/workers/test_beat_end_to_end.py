@@ -20,11 +20,10 @@ import httpx
 import pytest
 
 from tests.conftest import (
-    ADMIN_TOKEN,
     Stack,
-    agent_client,
     dispatch,
-    mint_token,
+    operator_client,
+    register_agent,
     start_stack,
     truncate,
 )
@@ -88,12 +87,7 @@ def _beat_stack(
         beat = StellaProcess("beat", env=settings_env(stack.settings), log=tmp / "beat.log")
         with (
             beat,
-            httpx.Client(
-                base_url=stack.base_url,
-                verify=stack.ssl_context(),
-                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                timeout=30,
-            ) as operator,
+            operator_client(stack) as operator,
         ):
             beat.wait_for(BEAT_STARTED)
             yield BeatStack(stack, beat, operator, tmp / "worker.log")
@@ -117,23 +111,10 @@ def register(beat_stack: BeatStack, tmp_path: Path) -> Iterator[Callable[[], Age
 
     def _register() -> Agent:
         stack = beat_stack.stack
-        response = httpx.post(
-            f"{stack.base_url}/api/v1/agents/register",
-            json={"name": f"beat-{uuid.uuid4().hex[:12]}", "version": "1.0.0", "capabilities": []},
-            headers={"X-Agent-Token": mint_token(beat_stack.operator)},
-            verify=stack.ssl_context(),
+        data, http = register_agent(
+            stack, beat_stack.operator, tmp_path, name=f"beat-{uuid.uuid4().hex[:12]}"
         )
-        assert response.status_code == 201, response.text
-        data = response.json()
         assert data["config"]["heartbeatInterval"] == 1
-        http = agent_client(
-            stack,
-            agent_id=data["agentId"],
-            token=data["token"],
-            cert_pem=data["certificate"]["cert"],
-            key_pem=data["certificate"]["key"],
-            tmp=tmp_path,
-        )
         clients.append(http)
         return Agent(id=data["agentId"], http=http)
 

@@ -22,7 +22,13 @@ import httpx
 import pytest
 
 from app.models.types import utcnow
-from tests.conftest import ADMIN_TOKEN, Stack, agent_client, mint_token, start_stack, truncate
+from tests.conftest import (
+    Stack,
+    operator_client,
+    register_agent,
+    start_stack,
+    truncate,
+)
 from tests.processes import StellaProcess, settings_env
 
 pytestmark = pytest.mark.slow
@@ -82,12 +88,7 @@ def guarded_stack(
         beat = StellaProcess("beat", env=settings_env(stack.settings), log=tmp / "beat.log")
         with (
             beat,
-            httpx.Client(
-                base_url=stack.base_url,
-                verify=stack.ssl_context(),
-                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                timeout=30,
-            ) as operator,
+            operator_client(stack) as operator,
         ):
             beat.wait_for(BEAT_STARTED)
             yield stack, beat, operator
@@ -96,22 +97,7 @@ def guarded_stack(
 
 
 def register(stack: Stack, operator: httpx.Client, tmp: Path) -> BeatingAgent:
-    response = httpx.post(
-        f"{stack.base_url}/api/v1/agents/register",
-        json={"name": f"guard-{uuid.uuid4().hex[:12]}", "version": "1.0.0", "capabilities": []},
-        headers={"X-Agent-Token": mint_token(operator)},
-        verify=stack.ssl_context(),
-    )
-    assert response.status_code == 201, response.text
-    data = response.json()
-    http = agent_client(
-        stack,
-        agent_id=data["agentId"],
-        token=data["token"],
-        cert_pem=data["certificate"]["cert"],
-        key_pem=data["certificate"]["key"],
-        tmp=tmp,
-    )
+    data, http = register_agent(stack, operator, tmp, name=f"guard-{uuid.uuid4().hex[:12]}")
     agent = BeatingAgent(id=data["agentId"], http=http)
     agent.start()  # at once: a lone silent agent would be 100 % of the fleet
     return agent
