@@ -15,6 +15,7 @@ from app.auth.cache import AgentAuthCache
 from app.db import make_engine
 from app.jobs import CeleryJobQueue, JobQueue, make_celery, prepare_embedded_broker
 from app.notify import LocalNotifier, Notifier, RedisNotifier
+from app.recovery.challenges import ChallengeCodec
 from app.settings import Settings
 from app.tasks.credentials import CredentialCipher
 from app.tokens.guard import RegistrationGuard, make_guard
@@ -34,12 +35,14 @@ class Runtime:
     notifier: Notifier = field(default_factory=LocalNotifier)
     auth: AgentAuthCache = field(init=False)
     registration_guard: RegistrationGuard = field(init=False)
+    recovery_challenges: ChallengeCodec = field(init=False)
 
     def __post_init__(self) -> None:
         self.auth = AgentAuthCache(
             ca=self.ca, signer=self.token_signer, capacity=self.settings.auth_cache_size
         )
         self.registration_guard = make_guard(self.settings)
+        self.recovery_challenges = ChallengeCodec(self.ca.credentials_key)
 
     def close(self) -> None:
         self.registration_guard.close()

@@ -29,22 +29,26 @@ AgentIdPath = Annotated[uuid.UUID, Path(alias="id")]
 
 
 @router.post(
-    "/{id}/recover/challenge", status_code=201, responses=problems(401, 403, 404, 413, 422)
+    "/{id}/recover/challenge", status_code=201, responses=problems(403, 404, 413, 422, 429)
 )
 async def recovery_challenge(
-    agent_id: AgentIdPath, request: Request, runtime: RuntimeDep
+    agent_id: AgentIdPath, request: Request, runtime: RuntimeDep, source: ClientAddressDep
 ) -> RecoveryChallengeIssued:
     """A single-use challenge (60 s) for an agent whose certificate lapsed within the grace."""
     presented = caller_certificate(runtime, Caller(token=None, scope=request.scope))
     return await in_transaction(
         runtime,
         lambda session: service.issue_challenge(
-            session=session, runtime=runtime, agent_id=agent_id, presented_pem=presented
+            session=session,
+            runtime=runtime,
+            agent_id=agent_id,
+            presented_pem=presented,
+            source=source,
         ),
     )
 
 
-@router.post("/{id}/recover", responses=problems(401, 403, 404, 413, 422))
+@router.post("/{id}/recover", responses=problems(401, 403, 404, 413, 422, 429))
 async def recover(
     agent_id: AgentIdPath,
     body: RecoveryRequest,

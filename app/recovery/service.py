@@ -5,12 +5,12 @@ mTLS call, and its heartbeat was the only way to a renewal. With
 STELLA_CERT_GRACE set, for that many seconds after the expiry of the newest
 certificate issued to it, it may instead:
 
-1. ask for a challenge (`issue_challenge`): random, bound to the agent,
-   valid CHALLENGE_TTL, one per agent (asking again replaces it);
+1. ask for a challenge (`issue_challenge`): bound to the agent by a MAC,
+   valid CHALLENGE_TTL, and stored nowhere (app/recovery/challenges.py);
 2. sign `stella-cert-recovery:<agentId>:<challenge>` with its key and
    redeem it (`recover`): the signature must verify with the public key
-   recorded for the agent at registration; the challenge row is deleted
-   in the same transaction that issues the certificate, so of two
+   recorded for the agent at registration; the challenge's nonce is
+   stored in the same transaction that issues the certificate, so of two
    redemptions of one challenge exactly one wins.
 
 It gets a fresh certificate for the same key and a fresh JWT, as at
@@ -25,26 +25,29 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import secrets
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
-from sqlalchemy import Table, delete
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import delete
 from sqlmodel import Session, col
 
 from app.agents.schemas import AgentCertificate, AgentConfig, AgentRegistered
 from app.audit import service as audit_service
 from app.auth.client_cert import MalformedCertificate, load_certificate
 from app.certs import service as certs_service
+from app.db import insert_ignoring_conflicts
 from app.errors import Forbidden, InvalidInput, NotFound, Unauthorized
 from app.models import Agent, RecoveryChallenge
 from app.models.types import utcnow
+from app.recovery.challenges import OpenedChallenge
 from app.recovery.schemas import RecoveryChallengeIssued, RecoveryRequest
 from app.runtime import Runtime
 from app.settings import Settings
+from app.tokens.guard import RegistrationGuard
 from pki import (
     AgentPublicKey,
     CertificateAuthority,
@@ -55,8 +58,6 @@ from pki import (
     public_key_from_csr,
     verify_client_certificate,
 )
-
-CHALLENGE_TTL = dt.timedelta(seconds=60)
 
 
 def signed_message(agent_id: uuid.UUID | str, challenge: str) -> bytes:
@@ -70,25 +71,17 @@ def issue_challenge(
     runtime: Runtime,
     agent_id: uuid.UUID,
     presented_pem: str | None,
+    source: str | None = None,
 ) -> RecoveryChallengeIssued:
-    """A new single-use challenge for `agent_id`, replacing any earlier one."""
+    """A new single-use challenge for `agent_id` (nothing is written).
+
+    429 for a `source` past its failed attempts (see `app.tokens.guard`).
+    """
     now = utcnow()
-    agent = _eligible_agent(session, runtime.settings, agent_id, now)
+    with _failures_counted(runtime.registration_guard, source):
+        agent = _eligible_agent(session, runtime.settings, agent_id, now)
     _check_presented(runtime.ca, presented_pem, agent)
-    challenge = secrets.token_urlsafe(32)
-    expires_at = now + CHALLENGE_TTL
-    # Keep the table to live challenges (those of deleted agents included).
-    session.execute(
-        delete(RecoveryChallenge).where(col(RecoveryChallenge.expires_at) < now - CHALLENGE_TTL)
-    )
-    fields = {"challenge": challenge, "created_at": now, "expires_at": expires_at}
-    table: Table = RecoveryChallenge.__table__  # type: ignore[attr-defined]
-    if session.get_bind().dialect.name == "postgresql":
-        pg_insert = postgresql.insert(table).values(agent_id=agent_id, **fields)
-        session.execute(pg_insert.on_conflict_do_update(index_elements=["agent_id"], set_=fields))
-    else:
-        lite_insert = sqlite.insert(table).values(agent_id=agent_id, **fields)
-        session.execute(lite_insert.on_conflict_do_update(index_elements=["agent_id"], set_=fields))
+    challenge, expires_at = runtime.recovery_challenges.issue(agent_id, now)
     return RecoveryChallengeIssued(agent_id=agent_id, challenge=challenge, expires_at=expires_at)
 
 
@@ -103,34 +96,27 @@ def recover(
 ) -> AgentRegistered:
     """Spend the challenge and re-certify the agent's key; its new certificate and JWT.
 
-    401: a signature that does not verify, a challenge unknown, used,
-    replaced or expired. 403: the grace is off or passed, or a presented
-    certificate names another agent. 404: no such agent (deleted).
+    401: a challenge not made here for this agent, expired or already used,
+    or a signature that does not verify; each counts as a failed attempt of
+    `source` (429 past the limit, as for registration tokens). 403: the
+    grace is off or passed, or a presented certificate names another agent.
+    404: no such agent (deleted).
     """
     settings = runtime.settings
     now = utcnow()
-    agent = _eligible_agent(session, settings, agent_id, now)
-    _check_presented(runtime.ca, presented_pem, agent)
-    public_key = load_public_key_pem(agent.public_key_pem)
-    if request.csr is not None:
-        _check_csr(request.csr, agent.key_thumbprint)
-    if not _signature_verifies(
-        public_key, _b64url_decode(request.signature), signed_message(agent_id, request.challenge)
-    ):
-        raise Unauthorized("the challenge signature does not verify with the agent's certified key")
-    spent = session.execute(
-        delete(RecoveryChallenge)
-        .where(
-            col(RecoveryChallenge.agent_id) == agent_id,
-            col(RecoveryChallenge.challenge) == request.challenge,
-        )
-        .returning(col(RecoveryChallenge.expires_at)),
-        execution_options={"synchronize_session": False},
-    ).first()
-    if spent is None:
-        raise Unauthorized("the challenge is unknown, already used or replaced: ask for a new one")
-    if spent[0] <= now:
-        raise Unauthorized("the challenge expired: ask for a new one")
+    with _failures_counted(runtime.registration_guard, source):
+        agent = _eligible_agent(session, settings, agent_id, now)
+        _check_presented(runtime.ca, presented_pem, agent)
+        public_key = load_public_key_pem(agent.public_key_pem)
+        if request.csr is not None:
+            _check_csr(request.csr, agent.key_thumbprint)
+        opened = runtime.recovery_challenges.open(agent_id, request.challenge, now)
+        message = signed_message(agent_id, request.challenge)
+        if not _signature_verifies(public_key, _b64url_decode(request.signature), message):
+            raise Unauthorized(
+                "the challenge signature does not verify with the agent's certified key"
+            )
+        _spend(session, agent_id, opened, now)
 
     # Locked from here: the row may have changed (or gone) since it was read.
     session.expire(agent)
@@ -173,6 +159,39 @@ def recover(
             cert=issued.pem, ca=runtime.ca.cert_pem, expires_at=issued.not_after
         ),
     )
+
+
+@contextmanager
+def _failures_counted(guard: RegistrationGuard, source: str | None) -> Iterator[None]:
+    """Refuse (429) a `source` past its failed attempts; count an unknown agent or a failed
+    proof as one more: the endpoints answer anyone, so guessing ids or challenges is
+    limited as guessing registration tokens is."""
+    if source is None:
+        yield
+        return
+    guard.check(source)
+    try:
+        yield
+    except (NotFound, Unauthorized):
+        guard.failed(source)
+        raise
+
+
+def _spend(
+    session: Session, agent_id: uuid.UUID, opened: OpenedChallenge, now: dt.datetime
+) -> None:
+    """Store the challenge's nonce; 401 when another redemption stored it first."""
+    # Spent challenges are kept only while they could still be presented.
+    session.execute(delete(RecoveryChallenge).where(col(RecoveryChallenge.expires_at) < now))
+    spent = insert_ignoring_conflicts(
+        session,
+        RecoveryChallenge,
+        [{"nonce": opened.nonce, "agent_id": agent_id, "expires_at": opened.expires_at}],
+        conflict_columns=("nonce",),
+        returning=("nonce",),
+    )
+    if not spent:
+        raise Unauthorized("the challenge was already used: ask for a new one")
 
 
 def _eligible_agent(

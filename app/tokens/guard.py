@@ -150,7 +150,7 @@ class RegistrationGuard:
 
 def _refusal(seconds_left: float) -> TooManyRequests:
     return TooManyRequests(
-        "too many failed registrations from this address; retry later",
+        "too many failed registrations or recovery proofs from this address; retry later",
         retry_after=max(1, math.ceil(seconds_left)),
     )
 

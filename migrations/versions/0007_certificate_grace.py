@@ -1,4 +1,4 @@
-"""lockout-proof renewal: proof-of-possession challenges
+"""lockout-proof renewal: the proof-of-possession challenges spent
 
 Revision ID: 0007
 Revises: 0006
@@ -22,11 +22,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "recovery_challenges",
+        sa.Column("nonce", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
         sa.Column("agent_id", sa.Uuid(), nullable=False),
-        sa.Column("challenge", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("created_at", app.models.types.UTCDateTime(), nullable=False),
         sa.Column("expires_at", app.models.types.UTCDateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("agent_id"),
+        sa.PrimaryKeyConstraint("nonce"),
     )
     with op.batch_alter_table("recovery_challenges", schema=None) as batch_op:
         batch_op.create_index(

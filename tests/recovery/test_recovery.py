@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +12,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import update
-from sqlmodel import col
+from sqlalchemy import func, select
 
 from app.db import transaction
 from app.models import RecoveryChallenge
@@ -27,8 +27,14 @@ AGO = dt.timedelta(minutes=30)
 
 @pytest.fixture(scope="module")
 def _grace_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Failed proofs count per address like bad registration tokens; these tests fail many on
+    # purpose from one address (the limit has tests of its own below).
     yield from start_stack(
-        tmp_path_factory.mktemp("grace"), database_url, worker=False, cert_grace=GRACE
+        tmp_path_factory.mktemp("grace"),
+        database_url,
+        worker=False,
+        cert_grace=GRACE,
+        registration_failure_limit=10_000,
     )
 
 
@@ -114,29 +120,50 @@ def test_an_expired_agent_is_recertified_and_works_again(
     assert events[0]["detail"]["serial"] == format(certificate.serial_number, "x")
 
 
-def test_a_challenge_is_single_use_and_replaced_by_a_new_one(
+def test_a_challenge_is_single_use_and_another_does_not_spoil_it(
     grace_stack: Stack, ops: httpx.Client, anon: httpx.Client
 ) -> None:
     agent = lapsed(grace_stack, ops, "lapsed-2")
     first = challenge(anon, agent.id)
-    second = challenge(anon, agent.id)  # one live challenge per agent: the first is gone
-    assert "unknown" in problem(redeem(anon, agent, first), 401)
+    second = challenge(anon, agent.id)  # anyone may ask in the agent's name: no harm done
+    assert redeem(anon, agent, first).status_code == 200
+    assert "already used" in problem(redeem(anon, agent, first), 401)
     assert redeem(anon, agent, second).status_code == 200
-    assert "already used" in problem(redeem(anon, agent, second), 401)
+
+
+def test_asking_for_a_challenge_writes_nothing(
+    grace_stack: Stack, ops: httpx.Client, anon: httpx.Client
+) -> None:
+    agent = lapsed(grace_stack, ops, "lapsed-2b")
+    for _ in range(5):
+        challenge(anon, agent.id)
+    assert spent_challenges(grace_stack) == 0
+    value = challenge(anon, agent.id)
+    assert redeem(anon, agent, value).status_code == 200
+    assert spent_challenges(grace_stack) == 1
 
 
 def test_an_expired_challenge_is_refused(
     grace_stack: Stack, ops: httpx.Client, anon: httpx.Client
 ) -> None:
     agent = lapsed(grace_stack, ops, "lapsed-3")
-    value = challenge(anon, agent.id)
-    with transaction(grace_stack.runtime.engine) as session:
-        session.execute(
-            update(RecoveryChallenge)
-            .where(col(RecoveryChallenge.challenge) == value)
-            .values(expires_at=utcnow() - dt.timedelta(seconds=1))
-        )
+    codec = grace_stack.runtime.recovery_challenges
+    value, _ = codec.issue(uuid.UUID(agent.id), utcnow() - dt.timedelta(seconds=61))
     assert "expired" in problem(redeem(anon, agent, value), 401)
+
+
+def test_a_challenge_made_for_another_agent_or_altered_is_refused(
+    grace_stack: Stack, ops: httpx.Client, anon: httpx.Client
+) -> None:
+    agent, other = lapsed(grace_stack, ops, "lapsed-3b"), lapsed(grace_stack, ops, "lapsed-3c")
+    theirs = challenge(anon, other.id)
+    assert "not made for this agent" in problem(redeem(anon, agent, theirs), 401)
+    expires, nonce, mac = challenge(anon, agent.id).split(".")
+    later = f"{int(expires) + 3600}.{nonce}.{mac}"  # a longer life, same MAC
+    assert "not made for this agent" in problem(redeem(anon, agent, later), 401)
+    for forged in ("x", "1.2", "..", f"{expires}.{nonce}."):
+        assert problem(redeem(anon, agent, forged), 401)
+    assert spent_challenges(grace_stack) == 0
 
 
 def test_bad_signatures_and_another_agents_proof_are_refused(
@@ -247,7 +274,7 @@ def test_concurrent_redemptions_of_one_challenge_one_wins(
     assert len(events) == 1
 
 
-def test_concurrent_challenges_leave_one_live(
+def test_concurrent_challenges_are_each_good_once(
     grace_stack: Stack, ops: httpx.Client, anon: httpx.Client
 ) -> None:
     agent = lapsed(grace_stack, ops, "lapsed-12")
@@ -268,6 +295,50 @@ def test_concurrent_challenges_leave_one_live(
     for thread in threads:
         thread.join()
     assert len(set(issued)) == racers
-    # One per agent: only the last one stored can be redeemed.
-    statuses = [redeem(anon, agent, value).status_code for value in issued]
-    assert sorted(statuses) == [200] + [401] * (racers - 1)
+    assert [redeem(anon, agent, value).status_code for value in issued] == [200] * racers
+    assert [redeem(anon, agent, value).status_code for value in issued] == [401] * racers
+
+
+def spent_challenges(stack: Stack) -> int:
+    with transaction(stack.runtime.engine) as session:
+        count: int = session.execute(
+            select(func.count()).select_from(RecoveryChallenge)
+        ).scalar_one()
+    return count
+
+
+# --- guessing -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from start_stack(
+        tmp_path_factory.mktemp("strict"),
+        database_url,
+        worker=False,
+        cert_grace=GRACE,
+        registration_failure_limit=3,
+        registration_failure_window=60,
+    )
+
+
+def test_failed_proofs_and_unknown_agents_are_rate_limited_per_address(
+    strict_stack: Stack,
+) -> None:
+    stack = strict_stack
+    truncate(stack.runtime)
+    with operator_client(stack) as operators:
+        agent = lapsed(stack, operators, "guessed-1")
+    with httpx.Client(base_url=stack.base_url, verify=stack.ssl_context(), timeout=30) as client:
+        assert problem(client.post(f"/api/v1/agents/{uuid.uuid4()}/recover/challenge"), 404)
+        value = challenge(client, agent.id)
+        bad = {"challenge": value, "signature": agent.sign("another challenge")}
+        # The third failure is the last one answered as such; then the address is refused.
+        for _ in range(2):
+            assert problem(client.post(f"/api/v1/agents/{agent.id}/recover", json=bad), 401)
+        for attempt in (
+            client.post(f"/api/v1/agents/{agent.id}/recover/challenge"),
+            redeem(client, agent, value),  # even a good proof
+        ):
+            assert problem(attempt, 429)
+            assert int(attempt.headers["Retry-After"]) >= 1
