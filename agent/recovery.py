@@ -43,7 +43,7 @@ log = logging.getLogger("stella.agent")
 # A certificate this close to its end is treated as expired: the next call
 # could be refused mid-flight, and our clock may run behind the server's.
 EXPIRY_MARGIN = dt.timedelta(seconds=5)
-# Refusals that are not for good (a challenge replaced or used meanwhile) are
+# Refusals that are not for good (a challenge expired or used meanwhile) are
 # retried this many times before the agent gives up.
 MAX_REFUSALS = 3
 
