@@ -28,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from app.notify import AgentEvent, LocalNotifier, agent_channel, fleet_channel
 from app.server.websocket import Inbox
@@ -146,13 +147,24 @@ class RedisHub:
     async def _run(self) -> None:
         backoff = 0.1
         while True:
-            client = aioredis.Redis.from_url(self._url, socket_connect_timeout=2)
+            # No retries inside redis-py: its own reconnect resubscribes without
+            # telling us, and whatever was published meanwhile would be missed
+            # with no resync. Every loss comes here, and is followed by one.
+            client = aioredis.Redis.from_url(
+                self._url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+            )
             pubsub = client.pubsub()
             try:
                 await self._serve(pubsub)
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except Exception as exc:
+                # Not only redis-py's errors: uvloop raises RuntimeError writing
+                # to a transport the server closed. The hub must outlive any of
+                # them, or this process would stop hearing events (deletions
+                # included) while believing it still does.
                 if self.connected.is_set():
-                    log.warning("Redis pub/sub lost (%s); reconnecting", exc)
+                    log.warning(
+                        "Redis pub/sub lost (%s: %s); reconnecting", type(exc).__name__, exc
+                    )
                     # `_serve` never returns: a lost connection that had been
                     # up starts the backoff again from its minimum.
                     backoff = 0.1

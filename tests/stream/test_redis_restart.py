@@ -275,3 +275,76 @@ class TestHubResubscribe:
                 await hub.stop()
 
         asyncio.run(scenario())
+
+
+class TestHubSurvivesAnyLoss:
+    """Whatever ends the pub/sub connection, the hub reconnects by itself and tells every
+    stream to resync: what was published meanwhile is gone."""
+
+    @staticmethod
+    async def next_resync(subscription: Any, timeout: float) -> None:
+        while await asyncio.wait_for(subscription.queue.get(), timeout) != RESYNC:
+            pass
+
+    def test_a_connection_the_server_drops_is_followed_by_a_resync(
+        self, private_redis: PrivateRedis
+    ) -> None:
+        """The server ends the connection (CLIENT KILL: a failover, a proxy, a timeout):
+        the hub reconnects, not redis-py behind its back, so the streams hear of it."""
+        agent_id = uuid.uuid4()
+
+        async def scenario() -> None:
+            hub = RedisHub(private_redis.url)
+            await hub.start()
+            client = aioredis.Redis.from_url(private_redis.url)
+            try:
+                subscription = await hub.subscribe(agent_id)
+                await asyncio.to_thread(wait_subscribed, private_redis.url, "", [str(agent_id)])
+                await self.next_resync(subscription, 5)  # the one after subscribing
+                assert await client.client_kill_filter(_type="pubsub") == 1
+                await self.next_resync(subscription, RESYNC_DEADLINE)
+                await asyncio.to_thread(wait_subscribed, private_redis.url, "", [str(agent_id)])
+            finally:
+                await client.aclose()
+                await hub.stop()
+
+        asyncio.run(scenario())
+
+    def test_an_unexpected_error_does_not_end_the_hub(
+        self, private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """uvloop raises RuntimeError writing to a transport the server closed; an error
+        the hub did not foresee must not end it, leaving the process deaf to events."""
+        agent_id = uuid.uuid4()
+        original = aioredis.client.PubSub.get_message
+        armed = False
+
+        async def failing_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal armed
+            if armed:
+                armed = False
+                raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+            return await original(self, *args, **kwargs)
+
+        monkeypatch.setattr(aioredis.client.PubSub, "get_message", failing_once)
+
+        async def scenario() -> None:
+            nonlocal armed
+            hub = RedisHub(private_redis.url)
+            await hub.start()
+            notifier = RedisNotifier(private_redis.url)
+            try:
+                subscription = await hub.subscribe(agent_id)
+                await asyncio.to_thread(wait_subscribed, private_redis.url, "", [str(agent_id)])
+                await self.next_resync(subscription, 5)
+                armed = True
+                await self.next_resync(subscription, RESYNC_DEADLINE)
+                await asyncio.to_thread(wait_subscribed, private_redis.url, "", [str(agent_id)])
+                notifier.publish(AgentEvent("task_created", agent_id=agent_id))
+                event = await asyncio.wait_for(subscription.queue.get(), PUSH_DEADLINE)
+                assert event == AgentEvent("task_created", agent_id=agent_id)
+            finally:
+                notifier.close()
+                await hub.stop()
+
+        asyncio.run(scenario())
