@@ -26,8 +26,10 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Two test processes (pytest-xdist): each has its own databases, Redis prefixes and
+# servers, and most tests wait on real processes, so two halve the time on two cores.
 pytest: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 # bench/README.md: every scenario against real processes (PostgreSQL, Redis).
 bench: install
