@@ -285,6 +285,16 @@ class Runner:
                 }
                 self.state.finish_task(task_id, outcome)
                 log.warning("task %s was interrupted by a restart; reporting it", task_id)
+            if "receipt" not in outcome and isinstance(record.get("startedAt"), str):
+                # Settled after a restart (agent/lost_tasks.py): signed now, as any outcome.
+                outcome["receipt"] = self.signatures.receipt(
+                    task_id=task_id,
+                    body=outcome,
+                    logs=LogDigest.of(outcome.get("logs")),
+                    started_at=record["startedAt"],
+                    finished_at=now_iso(),
+                )
+                self.state.finish_task(task_id, outcome)
             self.unreported[task_id] = outcome
         await self._flush_reports()
         await self._poll_quietly()

@@ -103,6 +103,16 @@ class LogDigest:
     def value(self) -> str:
         return "sha256:" + self._hash.hexdigest()
 
+    @classmethod
+    def of(cls, lines: Any) -> LogDigest:
+        """The digest of the lines a completion body carries (an outcome settled after a
+        restart: the lines the agent saw before are gone with its previous run)."""
+        digest = cls()
+        for line in lines if isinstance(lines, list) else []:
+            if isinstance(line, dict):
+                digest.add(line)
+        return digest
+
 
 class TaskSignatures:
     """Checks tasks against the pinned server keys; signs this agent's receipts."""

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import tempfile
@@ -213,13 +214,23 @@ class StateDir:
         return self.tasks_dir / f"{uuid.UUID(task_id)}.json"
 
     def hold_task(self, task_id: str, task_type: str) -> None:
-        """Record, before running it, that this agent started the task."""
-        record = {"taskId": task_id, "taskType": task_type, "outcome": None}
+        """Record, before running it, that this agent started the task (and when)."""
+        record = {
+            "taskId": task_id,
+            "taskType": task_type,
+            "startedAt": dt.datetime.now(dt.UTC).isoformat(),
+            "outcome": None,
+        }
         atomic_write(self._task_file(task_id), json.dumps(record))
 
     def finish_task(self, task_id: str, outcome: dict[str, Any]) -> None:
-        """Keep an outcome until the server has acknowledged it."""
-        record = {"taskId": task_id, "outcome": outcome}
+        """Keep an outcome until the server has acknowledged it (and when the task started,
+        for a receipt signed after a restart)."""
+        record: dict[str, Any] = {"taskId": task_id, "outcome": outcome}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            started = json.loads(self._task_file(task_id).read_text()).get("startedAt")
+            if isinstance(started, str):
+                record["startedAt"] = started
         atomic_write(self._task_file(task_id), json.dumps(record))
 
     def release_task(self, task_id: str) -> None:

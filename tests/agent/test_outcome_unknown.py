@@ -8,6 +8,7 @@ offline sweep is called directly, as beat would call it.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from app.cli.main import cli
 from app.db import transaction
 from app.sweeps import service as sweeps
 from tests.agent.helpers import AgentRunner, install_fake_docker
@@ -73,7 +76,7 @@ def docker_calls(agent: AgentRunner, command: str) -> list[dict[str, Any]]:
 
 
 def test_an_agent_killed_mid_docker_run_turns_unknown_into_the_real_outcome(
-    lossy_stack: Stack, operator: httpx.Client, agent: AgentRunner
+    lossy_stack: Stack, operator: httpx.Client, agent: AgentRunner, tmp_path: Path
 ) -> None:
     first = agent.start(token=mint_token(operator), FAKE_DOCKER_SLEEP="60")
     first.wait_for("task stream connected")
@@ -118,3 +121,15 @@ def test_an_agent_killed_mid_docker_run_turns_unknown_into_the_real_outcome(
     time.sleep(1.5)  # heartbeats and polls meanwhile hand nothing out again
     assert len(docker_calls(agent, "run")) == 1
     assert "never started" not in second.output()
+
+    # The settled outcome is signed like any other: a receipt that verifies offline.
+    answer = operator.get(f"/api/v1/tasks/{task_id}/receipt")
+    assert answer.status_code == 200, answer.text
+    document = answer.json()
+    assert document["receipt"]["outcome"] == "succeeded"
+    assert document["receipt"]["startedAt"] < document["receipt"]["finishedAt"]
+    saved = tmp_path / "receipt.json"
+    saved.write_text(json.dumps(document))
+    verified = CliRunner().invoke(cli, ["receipts", "verify", str(saved)])
+    assert verified.exit_code == 0, verified.output
+    assert verified.output.startswith("valid: ")
