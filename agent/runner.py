@@ -45,7 +45,7 @@ from agent.client import (
 )
 from agent.executors import Executors
 from agent.executors.base import Outcome, Task
-from agent.lost_tasks import never_started, settle_interrupted
+from agent.lost_tasks import INTERRUPTED, never_started, settle_interrupted
 from agent.resources import ResourceProbe
 from agent.signatures import LogDigest, TaskSignatures
 from agent.state import Identity, StateDir
@@ -275,14 +275,7 @@ class Runner:
         for task_id, record in self.state.held_tasks().items():
             outcome = record.get("outcome")
             if outcome is None:
-                outcome = {
-                    "success": False,
-                    "error": (
-                        "interrupted: the agent stopped while this task ran, so its "
-                        "outcome is unknown; it was not re-run"
-                    ),
-                    "logs": [],
-                }
+                outcome = {"success": False, "error": INTERRUPTED, "logs": []}
                 self.state.finish_task(task_id, outcome)
                 log.warning("task %s was interrupted by a restart; reporting it", task_id)
             if "receipt" not in outcome and isinstance(record.get("startedAt"), str):

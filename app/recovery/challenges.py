@@ -12,7 +12,6 @@ stores its nonce (`recovery_challenges`, unique), so each is spent once.
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import hashlib
 import hmac
@@ -71,7 +70,7 @@ class ChallengeCodec:
             )
         try:
             expires_at = dt.datetime.fromtimestamp(int(expires), tz=dt.UTC)
-        except (OverflowError, ValueError, OSError, binascii.Error) as exc:
+        except (OverflowError, ValueError, OSError) as exc:
             raise Unauthorized("the challenge is malformed: ask for a new one") from exc
         if expires_at <= now:
             raise Unauthorized("the challenge expired: ask for a new one")

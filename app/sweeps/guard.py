@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 from sqlalchemy import Integer, case, cast, func, literal, select
 from sqlmodel import Session, col
@@ -29,12 +29,12 @@ from sqlmodel import Session, col
 from app.db import insert_ignoring_conflicts
 from app.models import Agent, SweepMark
 from app.settings import Settings
+from app.sweeps.schemas import GuardEngagements, GuardReason, OfflineGuardPublic
 
 log = logging.getLogger(__name__)
 
 MARK = "control-plane"  # the sweeps that judge by silence share one mark
 LIVE_STATUSES = ("online", "degraded")
-GuardReason = Literal["outage", "percent"]
 OUTAGE: Final = "outage"
 PERCENT: Final = "percent"
 REASONS: tuple[GuardReason, ...] = (OUTAGE, PERCENT)
@@ -233,4 +233,22 @@ def state(*, session: Session, settings: Settings, now: dt.datetime) -> GuardSta
     reason: GuardReason = OUTAGE if mark.guard_reason == OUTAGE else PERCENT
     return GuardState(
         True, reason, mark.guard_since, mark.held_until, held, mark.guard_held, engagements
+    )
+
+
+def view(*, session: Session, settings: Settings, now: dt.datetime) -> OfflineGuardPublic:
+    """The guard as operators see it (GET /api/v1/sweeps/guard)."""
+    current = state(session=session, settings=settings, now=now)
+    return OfflineGuardPublic(
+        engaged=current.engaged,
+        reason=current.reason,
+        since=current.since,
+        until=current.until,
+        agents_held=current.agents_held,
+        silent_when_engaged=current.silent_when_engaged,
+        percent=settings.offline_guard_percent,
+        grace_seconds=int(grace(settings).total_seconds()),
+        engagements=GuardEngagements(
+            outage=current.engagements[OUTAGE], percent=current.engagements[PERCENT]
+        ),
     )

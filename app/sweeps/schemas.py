@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from app.schemas import ApiModel, Timestamp
-from app.sweeps.guard import GuardReason
+
+# Why the mass-offline guard holds the offline sweep (app/sweeps/guard.py).
+GuardReason = Literal["outage", "percent"]
 
 
 class GuardEngagements(ApiModel):
